@@ -1,0 +1,56 @@
+"""Banks of SwiGLU experts, run as a grouped matmul over expert-contiguous rows.
+
+Shape legend: S rows (assignments, sorted by expert), D model width, F expert width, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SwiGLUExperts(nn.Module):
+    """E independent SwiGLU MLPs stored as 3-D weights.
+
+    w_gate_up [E, D, 2F]: the gate projection is the first F columns, the up projection the last F.
+    w_down    [E, F, D].
+    Expert e on a row x: (silu(x @ w_gate_up[e][:, :F]) * (x @ w_gate_up[e][:, F:])) @ w_down[e].
+
+    Init: normal with std 1/sqrt(D) for w_gate_up and 1/sqrt(F) for w_down, so that a unit-variance input gives
+    gate/up pre-activations of unit variance and an output of roughly the input's scale (LeCun-style fan-in).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_ff))
+        self.w_down = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_gate_up, std=1.0 / math.sqrt(self.d_model))
+        nn.init.normal_(self.w_down, std=1.0 / math.sqrt(self.d_ff))
+
+    def forward(self, rows_SD: Tensor, group_sizes_E: Tensor) -> Tensor:
+        """rows_SD sorted by expert, group_sizes_E rows per expert → expert outputs [S, D] in the same order."""
+        # NOTE: a loop over non-empty experts on contiguous slices; each iteration is one dense matmul pair.
+        slices = rows_SD.split(group_sizes_E.tolist())
+        outputs = [self.expert(rows_ND, e) for e, rows_ND in enumerate(slices) if rows_ND.shape[0]]
+        if not outputs:
+            return rows_SD.new_zeros(0, self.d_model)
+        return torch.cat(outputs)
+
+    def expert(self, x_ND: Tensor, e: int) -> Tensor:
+        """Expert e on rows x_ND."""
+        F_ = self.d_ff
+        h_N2F = x_ND @ self.w_gate_up[e]
+        return (F.silu(h_N2F[:, :F_]) * h_N2F[:, F_:]) @ self.w_down[e]
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}"

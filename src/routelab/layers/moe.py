@@ -1,0 +1,83 @@
+"""The MoE layer: route → permute → experts → combine (+ shared experts). A drop-in for an MLP.
+
+Shape legend: T tokens, D model width, F expert width, E experts, S assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from routelab.dispatch.permute import combine, permute
+from routelab.experts.swiglu import SwiGLUExperts
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice
+
+ACTIVATIONS = ("swiglu",)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts feed-forward layer: `forward(x, ctx=None)` maps [..., d_model] to the same shape.
+
+    router:          any `Router` with `d_model` and `num_experts` matching this layer.
+    d_ff:            width of each routed expert.
+    shared_experts:  n ≥ 0 always-on experts, run as one SwiGLU MLP of width n·d_ff.
+
+    After a forward, `last_decision` holds the routing decision (tensors detached, aux losses with their graph).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        router: Router,
+        *,
+        shared_experts: int = 0,
+        activation: str = "swiglu",
+    ) -> None:
+        super().__init__()
+        if not isinstance(router, Router):
+            raise TypeError(f"router must be a routelab Router (see routelab.create_router), got {type(router).__name__}")
+        if router.d_model != d_model:
+            raise ValueError(f"router.d_model={router.d_model} does not match d_model={d_model}")
+        if not isinstance(shared_experts, int) or isinstance(shared_experts, bool) or shared_experts < 0:
+            raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
+        check_choice("activation", activation, ACTIVATIONS)
+        self.d_model, self.d_ff = d_model, d_ff
+        self.router = router
+        self.experts = SwiGLUExperts(router.num_experts, d_model, d_ff)
+        # A shared expert is a one-expert bank that every token enters with weight 1.
+        self.shared_experts = SwiGLUExperts(1, d_model, shared_experts * d_ff) if shared_experts else None
+        self.last_decision: RoutingDecision | None = None
+
+    def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"MoELayer input must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer input must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        ctx = (ctx or RoutingContext()).replace(batch_shape=tuple(x.shape[:-1]))
+        x_TD = x.reshape(-1, self.d_model)
+
+        decision = self.router(x_TD, ctx)
+        self.last_decision = decision.detached()
+        rows_SD, group_sizes_E, plan = permute(x_TD, decision)
+        y_TD = combine(self.experts(rows_SD, group_sizes_E), plan)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD, group_sizes_E.new_tensor([x_TD.shape[0]]))
+        return y_TD.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_ff={self.d_ff}"
+
+
+def total_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the aux losses of every MoE layer's last forward: a 0-d tensor, with gradient when they have one."""
+    losses = [
+        loss
+        for module in model.modules()
+        if isinstance(module, MoELayer) and module.last_decision is not None
+        for loss in module.last_decision.aux_losses.values()
+    ]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
+    return sum(losses[1:], losses[0])

@@ -1,0 +1,18 @@
+"""Routers and the routing contract. Importing this package registers every built-in router."""
+
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, update_routers
+from routelab.routing.registry import create_router, list_routers, register_router, router_class, router_options
+from routelab.routing.topk import TopKRouter
+
+__all__ = [
+    "Router",
+    "RoutingContext",
+    "RoutingDecision",
+    "TopKRouter",
+    "create_router",
+    "list_routers",
+    "register_router",
+    "router_class",
+    "router_options",
+    "update_routers",
+]

@@ -1,0 +1,212 @@
+"""The routing contract: what a router receives (`RoutingContext`) and hands over (`RoutingDecision`).
+
+Shape legend: T tokens, D model width, E routed experts, S assignments (one per selected (token, expert) pair).
+
+A decision is a flat list of assignments (COO form). It fits every router: token-choice top-k (S = T·k),
+expert choice (a token may get 0..E experts), dynamic k and null experts (variable S), capacity dropping (dropped
+assignments are simply absent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    """What some routers need beyond the token rows; every field is optional.
+
+    token_ids:    LongTensor [*batch_shape], the input ids (hash routing, id-prefix routers).
+    batch_shape:  the leading shape of the layer input before it was flattened to [T, D], e.g. (B, L); the layer
+                  fills it. Sequence-scoped routers read it; a 2-D input is one sequence.
+    padding_mask: BoolTensor [*batch_shape], True where the position is padding. Padding is never routed and is
+                  left out of balance statistics and losses.
+    layer_index:  index of the MoE layer in its model.
+    state:        whatever the previous MoE layer handed on (recurrent routers).
+    timestep:     per-sample diffusion time / mask ratio in [0, 1] (capacity schedules).
+    step:         the training step (schedules, seeded branches).
+    """
+
+    token_ids: Tensor | None = None
+    batch_shape: tuple[int, ...] | None = None
+    padding_mask: Tensor | None = None
+    layer_index: int | None = None
+    state: Any = None
+    timestep: Tensor | float | None = None
+    step: int | None = None
+
+    def replace(self, **changes: Any) -> RoutingContext:
+        return dataclasses.replace(self, **changes)
+
+    def flat_padding_mask(self, num_tokens: int) -> Tensor | None:
+        """The padding mask as [T] booleans, or None when there is no padding."""
+        if self.padding_mask is None:
+            return None
+        mask_T = self.padding_mask.reshape(-1).to(torch.bool)
+        if mask_T.numel() != num_tokens:
+            raise ValueError(
+                f"RoutingContext.padding_mask has {mask_T.numel()} positions but the input has {num_tokens} tokens"
+            )
+        return mask_T
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The one object that crosses from router to dispatcher.
+
+    token_index:   LongTensor [S], row of the flattened input x.reshape(-1, D).
+    expert_index:  LongTensor [S], expert id in 0..num_experts-1 (null experts and dropped assignments are absent).
+    weight:        Tensor [S], combine weight, differentiable with respect to the router's parameters.
+    num_tokens:    T.
+    num_experts:   E (routed experts that compute; null experts are not counted).
+    aux_losses:    scalar losses, already multiplied by their coefficients (keys "aux", "z", "dyn", "erc", ...).
+    router_logits: Tensor [T, E'] of raw scores (E' ≥ E when a router also scores null experts), or None.
+    num_dropped:   assignments the router selected and then dropped for capacity.
+    state:         what the router hands on to the next MoE layer (recurrent routers), or None.
+    """
+
+    token_index: Tensor
+    expert_index: Tensor
+    weight: Tensor
+    num_tokens: int
+    num_experts: int
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    router_logits: Tensor | None = None
+    num_dropped: int = 0
+    state: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("token_index", "expert_index", "weight"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor) or value.dim() != 1:
+                raise ValueError(f"RoutingDecision.{name} must be a 1-D tensor, got {_describe(value)}")
+        for name in ("token_index", "expert_index"):
+            if getattr(self, name).dtype != torch.long:
+                raise ValueError(f"RoutingDecision.{name} must be int64 (long), got {getattr(self, name).dtype}")
+        if not self.weight.is_floating_point():
+            raise ValueError(f"RoutingDecision.weight must be floating point, got {self.weight.dtype}")
+        S = self.token_index.numel()
+        if self.expert_index.numel() != S or self.weight.numel() != S:
+            raise ValueError(
+                "RoutingDecision.token_index, expert_index and weight must have equal lengths, got "
+                f"{S}, {self.expert_index.numel()}, {self.weight.numel()}"
+            )
+        if self.num_tokens < 0 or self.num_experts < 1:
+            raise ValueError(
+                f"RoutingDecision needs num_tokens >= 0 and num_experts >= 1, got {self.num_tokens}, {self.num_experts}"
+            )
+        if S:
+            _check_range("token_index", self.token_index, self.num_tokens)
+            _check_range("expert_index", self.expert_index, self.num_experts)
+        if self.router_logits is not None and (
+            self.router_logits.dim() != 2 or self.router_logits.shape[0] != self.num_tokens
+        ):
+            raise ValueError(
+                f"RoutingDecision.router_logits must be [num_tokens={self.num_tokens}, E], "
+                f"got {tuple(self.router_logits.shape)}"
+            )
+        for key, loss in self.aux_losses.items():
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError(f"RoutingDecision.aux_losses[{key!r}] must be a 0-d tensor, got {_describe(loss)}")
+
+    @property
+    def num_assignments(self) -> int:
+        return self.token_index.numel()
+
+    def expert_load(self) -> Tensor:
+        """LongTensor [E]: assignments per expert."""
+        return torch.bincount(self.expert_index, minlength=self.num_experts)
+
+    def experts_per_token(self) -> Tensor:
+        """LongTensor [T]: assignments per token."""
+        return torch.bincount(self.token_index, minlength=self.num_tokens)
+
+    def dense_weights(self) -> Tensor:
+        """Tensor [T, E] with each assignment's weight at (token, expert); zero elsewhere."""
+        dense_TE = self.weight.new_zeros(self.num_tokens, self.num_experts)
+        return dense_TE.index_put((self.token_index, self.expert_index), self.weight, accumulate=True)
+
+    def detached(self) -> RoutingDecision:
+        """A copy for statistics: tensors detached, except the aux losses, which keep their graph so that
+        `total_aux_loss` can be backpropagated after the forward."""
+        logits = None if self.router_logits is None else self.router_logits.detach()
+        return dataclasses.replace(
+            self,
+            token_index=self.token_index.detach(),
+            expert_index=self.expert_index.detach(),
+            weight=self.weight.detach(),
+            router_logits=logits,
+            state=None,
+        )
+
+
+class Router(nn.Module):
+    """Base class of every router: `forward(x_TD, ctx=None) -> RoutingDecision`.
+
+    Subclasses set `causal` (does a token's routing depend only on itself and earlier tokens?), as a class
+    attribute or per instance when options change it. Non-gradient state lives in buffers; training-mode forwards
+    only accumulate statistics, and `apply_updates` (called through `routelab.update_routers`, once per optimizer
+    step) applies them. Eval-mode forwards change nothing.
+    """
+
+    causal: ClassVar[bool] | bool = True
+
+    def __init__(self, *, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("num_experts", num_experts)
+        self.d_model = d_model
+        self.num_experts = num_experts
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def apply_updates(self) -> None:
+        """Apply the statistics accumulated by training forwards since the last call; stateless routers do nothing."""
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, causal={self.causal}"
+
+
+def update_routers(model: nn.Module) -> None:
+    """Apply every router's accumulated statistics (loss-free bias, BIP duals, k-means centroids).
+
+    The training loop calls this once per optimizer step; it is a no-op for stateless routers.
+    """
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.apply_updates()
+
+
+def router_dtype(x: Tensor) -> torch.dtype:
+    """Routers compute in fp32, or fp64 when the input is fp64 (so fp64 reference tests are exact)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the option and its allowed values unless `value` is one of them."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _check_range(name: str, index: Tensor, upper: int) -> None:
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"RoutingDecision.{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
