@@ -50,6 +50,11 @@ class MoELayer(nn.Module):
         self.last_decision: RoutingDecision | None = None
 
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
+        return self.forward_with_decision(x, ctx)[0]
+
+    def forward_with_decision(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, RoutingDecision]:
+        """The forward, also returning the decision with its graph (a model hands `decision.state` to the next
+        MoE layer this way, explicitly)."""
         if not x.is_floating_point():
             raise TypeError(f"MoELayer input must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
@@ -63,7 +68,7 @@ class MoELayer(nn.Module):
         y_TD = combine(self.experts(rows_SD, group_sizes_E), plan)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD, group_sizes_E.new_tensor([x_TD.shape[0]]))
-        return y_TD.reshape(x.shape)
+        return y_TD.reshape(x.shape), decision
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_ff={self.d_ff}"

@@ -166,6 +166,15 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:  # pragma: no cover
         raise NotImplementedError
 
+    @classmethod
+    def shared_modules(cls, *, d_model: int, num_experts: int, **options: Any) -> dict[str, nn.Module]:
+        """Modules that every layer of one model shares (e.g. a recurrent router's cell over depth).
+
+        A model building one router per layer calls this once and passes the result to every layer's router as
+        extra options, so the layers hold the same parameter objects. Most routers share nothing.
+        """
+        return {}
+
     @torch.no_grad()
     def apply_updates(self) -> None:
         """Apply the statistics accumulated by training forwards since the last call; stateless routers do nothing."""
