@@ -278,3 +278,20 @@ def test_gpt_oss_patched_block_returns_hidden_and_scores():
 def test_importing_routelab_does_not_import_transformers():
     code = "import sys, routelab, routelab.interop.hf; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_per_slot_aux_loss_equals_transformers_load_balancing_loss(padded):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    block = moe_block(make_model("mixtral"))
+    layer = from_hf(block, aux_loss_coef=1.0, aux_loss_form="per_slot")
+    x = torch.randn(2, 6, D)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    if padded:
+        mask[1, 4:] = 0
+    ctx = routelab.RoutingContext(padding_mask=mask == 0)
+    _, decision = layer.forward_with_decision(x, ctx)
+    logits = block.gate(x)[0]
+    want = load_balancing_loss_func((logits,), 4, 2, mask if padded else None)
+    torch.testing.assert_close(decision.aux_losses["aux"], want, atol=1e-6, rtol=0)
