@@ -186,7 +186,12 @@ def test_training_step_on_patched_model_equals_hf_step(family):
         assert losses[0].aux_loss is not None
         torch.testing.assert_close(losses[1].aux_loss, losses[0].aux_loss, atol=1e-6, rtol=0)
 
+    if records_logits:  # one recorded router-logits tensor per MoE layer, not more
+        assert len(losses[1].router_logits) == len(losses[0].router_logits) == PATCHED_BLOCKS.get(family, 2)
+
     unpatch_model(model_rl)
+    if records_logits:  # transformers installed its recorders while patched: the restored routers record again
+        assert len(model_rl(ids, **kwargs).router_logits) == PATCHED_BLOCKS.get(family, 2)
     want, got = model_hf.state_dict(), model_rl.state_dict()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
@@ -243,6 +248,61 @@ def test_swapped_router_unpatch_keeps_what_it_cannot_provide():
     assert torch.equal(moe_block(model).experts.down_proj, down.transpose(1, 2))
     with pytest.raises(ValueError, match="e_score_correction_bias"):
         to_hf(from_hf(moe_block(model), balance="none", n_group=None, topk_group=None), moe_block(model))
+
+
+class _ThresholdRouter(routelab.Router):
+    """Test-only dynamic-k router: every expert whose softmax probability exceeds 1/E, and at least the best one."""
+
+    def __init__(self, *, d_model: int, num_experts: int) -> None:
+        super().__init__(d_model=d_model, num_experts=num_experts)
+        self.gate = torch.nn.Linear(d_model, num_experts, bias=False)
+
+    def forward(self, x_TD, ctx=None):
+        logits_TE = self.gate(x_TD.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        keep_TE = probs_TE > 1.0 / self.num_experts
+        keep_TE[torch.arange(x_TD.shape[0]), probs_TE.argmax(dim=-1)] = True
+        token_S, expert_S = keep_TE.nonzero(as_tuple=True)
+        return routelab.RoutingDecision(
+            token_index=token_S, expert_index=expert_S, weight=probs_TE[token_S, expert_S],
+            num_tokens=x_TD.shape[0], num_experts=self.num_experts, router_logits=logits_TE,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def threshold_router():
+    """Registered for one test only (the shared contract suite parametrises over the registry at collection)."""
+    from routelab.routing import registry
+
+    routelab.register_router("test_threshold")(_ThresholdRouter)
+    yield "test_threshold"
+    registry._ROUTERS.pop("test_threshold")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_swapping_to_any_registered_router(family, threshold_router):
+    model = make_model(family).train()
+    hf_router = getattr(moe_block(model), "router" if family == "gpt_oss" else "gate")
+    gate_hf = hf_router.weight.detach().clone()
+    bias_hf = hf_router.bias.detach().clone() if family == "gpt_oss" else None
+    patch_model(model, router=threshold_router)
+    layer = moe_block(model).layer
+    assert isinstance(layer.router, _ThresholdRouter) and torch.equal(layer.router.gate.weight, gate_hf)
+    _run_forward_backward(model)
+    per_token = layer.last_decision.experts_per_token()
+    assert per_token.min() >= 1 and per_token.max() > 1 and per_token.float().std() > 0  # dynamic k
+    assert layer.router.gate.weight.grad is not None
+
+    with torch.no_grad():
+        layer.router.gate.weight.add_(1.0)
+    trained_gate = layer.router.gate.weight.detach().clone()
+    unpatch_model(model)
+    block = moe_block(model)
+    hf_router = block.router if family == "gpt_oss" else block.gate
+    assert torch.equal(hf_router.weight, trained_gate)  # the gate goes back
+    if bias_hf is not None:  # this router has no bias: gpt-oss's keeps its value
+        assert torch.equal(hf_router.bias, bias_hf)
+    assert all(not t.is_meta for t in block.state_dict().values())
 
 
 @pytest.mark.skipif("top_p" not in routelab.list_routers(), reason="the top_p router is not registered on this branch")
