@@ -355,3 +355,70 @@ def test_per_slot_aux_loss_equals_transformers_load_balancing_loss(padded):
     logits = block.gate(x)[0]
     want = load_balancing_loss_func((logits,), 4, 2, mask if padded else None)
     torch.testing.assert_close(decision.aux_losses["aux"], want, atol=1e-6, rtol=0)
+
+
+def _extra_block(name: str):
+    """Blocks of the families whose code transformers generates from a main one, built directly (no whole model)."""
+    import importlib
+
+    kw = dict(COMMON, experts_implementation="eager")
+    moe = dict(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    if name == "minimax":
+        module, cls, config = "minimax", "MiniMaxSparseMoeBlock", transformers.MiniMaxConfig(
+            **kw, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    elif name == "qwen3_vl_moe":
+        module, cls = "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock"
+        config = transformers.Qwen3VLMoeTextConfig(**kw, intermediate_size=48, **moe)
+    elif name == "qwen3_next":
+        module, cls = "qwen3_next", "Qwen3NextSparseMoeBlock"
+        config = transformers.Qwen3NextConfig(**kw, intermediate_size=48, shared_expert_intermediate_size=24,
+                                              norm_topk_prob=False, **moe)
+    elif name == "qwen3_5_moe":
+        module, cls = "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock"
+        config = transformers.Qwen3_5MoeTextConfig(**kw, shared_expert_intermediate_size=24, **moe)
+    elif name == "glm4_moe":
+        module, cls = "glm4_moe", "Glm4MoeMoE"
+        config = transformers.Glm4MoeConfig(**kw, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                                            num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1)
+    elif name == "deepseek_v3_ungrouped":  # n_group=1 (no group limit), unnormalised weights, scaling 1
+        module, cls = "deepseek_v3", "DeepseekV3MoE"
+        config = transformers.DeepseekV3Config(**kw, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                                               num_experts_per_tok=3, n_group=1, topk_group=1, n_shared_experts=2,
+                                               norm_topk_prob=False, routed_scaling_factor=1.0)
+    else:
+        raise AssertionError(name)
+    torch.manual_seed(3)
+    block = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls)(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.5 if p.dim() == 2 and p.shape[0] in (4, 8) and p.shape[1] == D else 0.1)
+        for b in block.buffers():
+            b.normal_(0.0, 0.2)
+    return block
+
+
+@pytest.mark.parametrize(
+    "name", ["minimax", "qwen3_vl_moe", "qwen3_next", "qwen3_5_moe", "glm4_moe", "deepseek_v3_ungrouped"]
+)
+def test_more_families_block_output_gradients_and_round_trip(name):
+    block = _extra_block(name)
+    layer = from_hf(block)
+    x_h = torch.randn(2, 6, D, requires_grad=True)
+    x_r = x_h.detach().clone().requires_grad_(True)
+    y_h, y_r = _out(block(x_h)), layer(x_r)
+    torch.testing.assert_close(y_r, y_h, atol=1e-5, rtol=0)
+    upstream = torch.randn_like(y_h)
+    (y_h * upstream).sum().backward()
+    (y_r * upstream).sum().backward()
+    torch.testing.assert_close(x_r.grad, x_h.grad, atol=1e-5, rtol=0)
+    grads = _layer_grads_as_hf(layer, block)
+    for pname, p in block.named_parameters():
+        torch.testing.assert_close(grads[pname], p.grad, atol=1e-5, rtol=0, msg=lambda m: f"{pname}: {m}")
+
+    want = {k: v.clone() for k, v in block.state_dict().items()}
+    with torch.no_grad():
+        for t in block.state_dict().values():
+            t.zero_()
+    to_hf(layer, block)
+    for k, v in block.state_dict().items():
+        assert torch.equal(v, want[k]), k

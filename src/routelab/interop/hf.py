@@ -16,6 +16,9 @@ Supported families (transformers ≥ 5, whose experts are stacked 3-D parameters
 | DeepSeek-V3 | DeepseekV3MoE           | sigmoid, correction bias (`expert_bias`, selection only), group-limited top-k (top-2 sums), `routed_scaling_factor`, shared experts |
 | GPT-OSS     | GptOssMLP               | router bias, top-k of logits then softmax (= softmax, "selected"); biased clamped-SwiGLU experts |
 
+Also, as their block code is generated from one of these: MiniMax (as Mixtral), Qwen3-VL-MoE text and Qwen3.5-MoE /
+Qwen3-Next (as Qwen3-MoE / Qwen2-MoE), GLM-4-MoE (as DeepSeek-V3); tested at block level.
+
 Weight layouts: transformers stores `gate_up_proj [E, 2F, D]` / `down_proj [E, D, F]` (used as `x @ W.T`); routelab
 stores `w_gate_up [E, D, 2F]` / `w_down [E, F, D]`, so conversion transposes. gpt-oss stores `[E, D, 2F]` with gate and
 up interleaved (even / odd columns); routelab keeps gate in the first F columns. Conversions are pure copies,
@@ -62,6 +65,7 @@ class _Family:
     router: str  # attribute of the block holding the router
     shared: str | None = None  # attribute of the block holding the shared MLP
     shared_gate: str | None = None  # attribute holding the shared expert's sigmoid gate (Linear(D, 1))
+    sigmoid_groups: bool = False  # DeepSeek-V3 routing: sigmoid, correction bias, groups, scaling factor
     clamped: bool = False  # gpt-oss experts: biases, interleaved gate/up, clamped SwiGLU
     returns_scores: bool = False  # the block returns (hidden, router_scores)
 
@@ -73,8 +77,18 @@ _FAMILIES = (
             shared="shared_expert", shared_gate="shared_expert_gate"),
     _Family("Qwen3-MoE", _M + "qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock", "gate"),
     _Family("OLMoE", _M + "olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", "gate"),
-    _Family("DeepSeek-V3", _M + "deepseek_v3.modeling_deepseek_v3", "DeepseekV3MoE", "gate", shared="shared_experts"),
+    _Family("DeepSeek-V3", _M + "deepseek_v3.modeling_deepseek_v3", "DeepseekV3MoE", "gate", shared="shared_experts",
+            sigmoid_groups=True),
     _Family("GPT-OSS", _M + "gpt_oss.modeling_gpt_oss", "GptOssMLP", "router", clamped=True, returns_scores=True),
+    # Blocks whose code is the same as one above (transformers generates them from it):
+    _Family("MiniMax", _M + "minimax.modeling_minimax", "MiniMaxSparseMoeBlock", "gate"),
+    _Family("Qwen3-VL-MoE", _M + "qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", "gate"),
+    _Family("Qwen3-Next", _M + "qwen3_next.modeling_qwen3_next", "Qwen3NextSparseMoeBlock", "gate",
+            shared="shared_expert", shared_gate="shared_expert_gate"),
+    _Family("Qwen3.5-MoE", _M + "qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", "gate",
+            shared="shared_expert", shared_gate="shared_expert_gate"),
+    _Family("GLM-4-MoE", _M + "glm4_moe.modeling_glm4_moe", "Glm4MoeMoE", "gate", shared="shared_experts",
+            sigmoid_groups=True),
 )  # fmt: skip
 SUPPORTED_FAMILIES = tuple(f"{f.name} ({f.block})" for f in _FAMILIES)
 
@@ -171,7 +185,7 @@ def _family_router_options(family: _Family, block: nn.Module) -> dict[str, Any]:
     k = int(gate.top_k)
     normalize = "selected" if getattr(gate, "norm_topk_prob", True) else "none"
     options: dict[str, Any] = {"k": k, "normalize": normalize, "aux_loss_coef": 0.0}
-    if family.name == "DeepSeek-V3":
+    if family.sigmoid_groups:
         options.update(score="sigmoid", scaling=float(gate.routed_scaling_factor), balance="loss_free")
         # transformers never updates e_score_correction_bias itself; pass bias_update_rate to train it loss-free.
         options["bias_update_rate"] = 0.0
