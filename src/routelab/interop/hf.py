@@ -381,9 +381,9 @@ def patch_model(model: nn.Module, router: str | None = None, **router_options: A
     router=None keeps each family's exact routing (options override single `topk` options); router="name" builds that
     router per block, initialised from the HF gate weights where shapes allow (see `from_hf`). Returns the number of
     blocks replaced; blocks already patched are left as they are (unpatch first to change their router). Raises,
-    naming the supported families, when the model holds MoE-like blocks of an unsupported
-    class. The replaced blocks' storage moves to the meta device (memory is not doubled); `unpatch_model` restores
-    them. Save the model with `save_pretrained` only after `unpatch_model`.
+    naming the supported families, when the model holds MoE-like blocks of an unsupported class. The replaced
+    blocks' storage moves to the meta device (memory is not doubled); `unpatch_model` restores them. Save the model
+    with `save_pretrained` only after `unpatch_model`.
     """
     found: list[tuple[nn.Module, str, nn.Module]] = []
     unsupported: set[str] = set()
