@@ -422,3 +422,27 @@ def test_more_families_block_output_gradients_and_round_trip(name):
     to_hf(layer, block)
     for k, v in block.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+def test_patch_model_is_all_or_nothing(monkeypatch):
+    import routelab.interop.hf as hf
+
+    model = make_model("qwen2_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="k must be"):
+        patch_model(model, k=5)  # more than the 4 experts: the first block fails, nothing changes
+    real_from_hf, calls = hf.from_hf, []
+
+    def failing_second(block, **kw):
+        calls.append(block)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real_from_hf(block, **kw)
+
+    monkeypatch.setattr(hf, "from_hf", failing_second)
+    with pytest.raises(RuntimeError, match="boom"):
+        patch_model(model)
+    assert not any(isinstance(m, PatchedMoEBlock) for m in model.modules())
+    after = model.state_dict()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k

@@ -403,20 +403,49 @@ def patch_model(model: nn.Module, router: str | None = None, **router_options: A
             f"routelab.interop.hf does not support {', '.join(sorted(unsupported))}; supported transformers MoE "
             f"blocks: {', '.join(SUPPORTED_FAMILIES)}"
         )
-    for parent, name, block in found:
-        family = _family_of(block)
-        layer = from_hf(block, router=router, **router_options)
-        state = block.state_dict()
-        written = set(_writable_state(family, layer, state, strict=False))
-        leftover = {k: v.detach().clone() for k, v in state.items() if k not in written}
-        # Free the block's storage unless it holds state outside its state_dict (non-persistent buffers).
-        keep = bool(set(dict(block.named_buffers())) - set(state))
-        patched = PatchedMoEBlock(layer, family, block if keep else block.to("meta"), leftover)
-        patched.train(block.training)
-        _install_router_logits_hook(patched.router_logits)
-        patched.__dict__["_hooks_at_patch"] = _hooks_installed(model)
-        setattr(parent, name, patched)
+    hooked = _hooks_installed(model)
+    done: list[tuple[nn.Module, str, PatchedMoEBlock]] = []
+    try:
+        for parent, name, block in found:
+            patched = _patch_block(block, router, router_options, hooks_installed=hooked)
+            setattr(parent, name, patched)
+            done.append((parent, name, patched))
+    except BaseException:  # all or nothing: put back the blocks patched before the failure
+        for parent, name, patched in done:
+            _restore(parent, name, patched, hooks_installed=False)
+        raise
     return len(found)
+
+
+def _patch_block(
+    block: nn.Module, router: str | None, router_options: dict[str, Any], *, hooks_installed: bool
+) -> PatchedMoEBlock:
+    family = _family_of(block)
+    layer = from_hf(block, router=router, **router_options)
+    state = block.state_dict()
+    written = set(_writable_state(family, layer, state, strict=False))
+    leftover = {k: v.detach().clone() for k, v in state.items() if k not in written}
+    # Free the block's storage unless it holds state outside its state_dict (non-persistent buffers).
+    keep = bool(set(dict(block.named_buffers())) - set(state))
+    patched = PatchedMoEBlock(layer, family, block if keep else block.to("meta"), leftover)
+    patched.train(block.training)
+    _install_router_logits_hook(patched.router_logits)
+    patched.__dict__["_hooks_at_patch"] = hooks_installed
+    return patched
+
+
+@torch.no_grad()
+def _restore(parent: nn.Module, name: str, patched: PatchedMoEBlock, *, hooks_installed: bool) -> None:
+    block, family = patched.__dict__["_original"], patched.__dict__["_family"]
+    if any(t.is_meta for t in block.state_dict().values()):
+        block.to_empty(device=patched.layer.experts.w_gate_up.device)
+    block.load_state_dict(patched.__dict__["_leftover"], strict=False)
+    to_hf(patched.layer, block, strict=False)
+    if hooks_installed and not patched.__dict__["_hooks_at_patch"]:
+        # transformers installed its recorders while the block was patched; give its router one.
+        _install_router_logits_hook(getattr(block, family.router))
+    block.train(patched.training)
+    setattr(parent, name, block)
 
 
 @torch.no_grad()
@@ -433,15 +462,5 @@ def unpatch_model(model: nn.Module) -> int:
     ]
     hooked = _hooks_installed(model)
     for parent, name, patched in found:
-        block, family = patched.__dict__["_original"], patched.__dict__["_family"]
-        device = patched.layer.experts.w_gate_up.device
-        if any(t.is_meta for t in block.state_dict().values()):
-            block.to_empty(device=device)
-        block.load_state_dict(patched.__dict__["_leftover"], strict=False)
-        to_hf(patched.layer, block, strict=False)
-        if hooked and not patched.__dict__["_hooks_at_patch"]:
-            # transformers installed its recorders while the block was patched; give its router one.
-            _install_router_logits_hook(getattr(block, family.router))
-        block.train(patched.training)
-        setattr(parent, name, block)
+        _restore(parent, name, patched, hooks_installed=hooked)
     return len(found)
