@@ -67,7 +67,8 @@ def test_gated_shared_expert_scales_by_sigmoid_gate():
     _random_(shared)
     x = torch.randn(5, D, dtype=torch.float64)
     y = shared(x, torch.tensor([5]))
-    ref = torch.stack([torch.sigmoid(shared.gate.weight[0] @ x[t]) * swiglu_row(x[t], shared.mlp.w_gate_up[0], shared.mlp.w_down[0]) for t in range(5)])
+    gate_T = torch.sigmoid(x @ shared.gate.weight[0])
+    ref = torch.stack([gate_T[t] * swiglu_row(x[t], shared.mlp.w_gate_up[0], shared.mlp.w_down[0]) for t in range(5)])
     torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
 
 

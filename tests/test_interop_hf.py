@@ -332,7 +332,8 @@ def test_gpt_oss_patched_block_returns_hidden_and_scores():
     y, weights_TE = moe_block(model)(x)
     torch.testing.assert_close(y, y_hf, atol=1e-5, rtol=0)
     # HF returns the k weights per token; the patched block returns them densely as [T, E].
-    torch.testing.assert_close(weights_TE.sort(dim=-1, descending=True).values[:, :2], scores_hf.sort(dim=-1, descending=True).values)
+    top_TK = weights_TE.sort(dim=-1, descending=True).values[:, :2]
+    torch.testing.assert_close(top_TK, scores_hf.sort(dim=-1, descending=True).values)
 
 
 def test_importing_routelab_does_not_import_transformers():

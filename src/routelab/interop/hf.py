@@ -7,14 +7,16 @@
 
 Supported families (transformers ≥ 5, whose experts are stacked 3-D parameters):
 
-| family      | block class             | routing reproduced by `topk`                                              |
-|-------------|-------------------------|---------------------------------------------------------------------------|
-| Mixtral     | MixtralSparseMoeBlock   | softmax, top-k, "selected"                                                |
-| Qwen2-MoE   | Qwen2MoeSparseMoeBlock  | softmax, top-k, `norm_topk_prob` → "selected"/"none"; sigmoid-gated shared expert |
-| Qwen3-MoE   | Qwen3MoeSparseMoeBlock  | softmax, top-k, `norm_topk_prob` → "selected"/"none"                      |
-| OLMoE       | OlmoeSparseMoeBlock     | softmax, top-k, `norm_topk_prob` → "selected"/"none"                      |
-| DeepSeek-V3 | DeepseekV3MoE           | sigmoid, correction bias (`expert_bias`, selection only), group-limited top-k (top-2 sums), `routed_scaling_factor`, shared experts |
-| GPT-OSS     | GptOssMLP               | router bias, top-k of logits then softmax (= softmax, "selected"); biased clamped-SwiGLU experts |
+| family      | block class            | routing (`topk` options) and experts                                          |
+|-------------|------------------------|-------------------------------------------------------------------------------|
+| Mixtral     | MixtralSparseMoeBlock  | softmax, top-k, "selected"                                                    |
+| Qwen2-MoE   | Qwen2MoeSparseMoeBlock | softmax, top-k, `norm_topk_prob` → "selected"/"none"; gated shared MLP        |
+| Qwen3-MoE   | Qwen3MoeSparseMoeBlock | softmax, top-k, `norm_topk_prob` → "selected"/"none"                          |
+| OLMoE       | OlmoeSparseMoeBlock    | softmax, top-k, `norm_topk_prob` → "selected"/"none"                          |
+| DeepSeek-V3 | DeepseekV3MoE          | sigmoid; correction bias = `expert_bias` (selection only); groups by top-2    |
+|             |                        | sums; `routed_scaling_factor` → `scaling`; shared experts                     |
+| GPT-OSS     | GptOssMLP              | router bias; top-k of logits then softmax (= softmax, "selected"); biased     |
+|             |                        | clamped-SwiGLU experts (`ClampedSwiGLUExperts`)                               |
 
 Also, as their block code is generated from one of these: MiniMax (as Mixtral), Qwen3-VL-MoE text and Qwen3.5-MoE /
 Qwen3-Next (as Qwen3-MoE / Qwen2-MoE), GLM-4-MoE (as DeepSeek-V3); tested at block level.
@@ -156,7 +158,8 @@ def _routelab_to_hf_state(family: _Family, rl: dict[str, Tensor]) -> dict[str, T
     if family.clamped:
         if "router.gate.bias" in rl:
             out[f"{r}.bias"] = rl["router.gate.bias"]
-        for src, dst in (("experts.w_gate_up", "experts.gate_up_proj"), ("experts.b_gate_up", "experts.gate_up_proj_bias")):
+        pairs = (("experts.w_gate_up", "experts.gate_up_proj"), ("experts.b_gate_up", "experts.gate_up_proj_bias"))
+        for src, dst in pairs:
             gate, up = rl[src].chunk(2, dim=-1)
             out[dst] = torch.stack([gate, up], dim=-1).flatten(-2)  # interleave: gate at even, up at odd columns
         out["experts.down_proj"] = rl["experts.w_down"]
@@ -196,11 +199,6 @@ def _family_router_options(family: _Family, block: nn.Module) -> dict[str, Any]:
     jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0)
     if jitter > 0:
         options["jitter"] = jitter
-    if k == 1 and normalize == "selected":
-        raise ValueError(
-            f"{family.name} block with top_k=1 and normalised weights: every weight is exactly 1, which the topk "
-            'router rejects (no router gradient); pass normalize="none" to route with the raw probability instead'
-        )
     return options
 
 
@@ -239,6 +237,12 @@ def from_hf(block: nn.Module, *, router: str | None = None, **router_options: An
     with torch.device(device):
         if router is None:
             options = {**_family_router_options(family, block), **router_options}
+            if options["k"] == 1 and options["normalize"] == "selected":
+                raise ValueError(
+                    f"{family.name} block with top_k=1 and normalised weights: every weight is exactly 1, which the "
+                    'topk router rejects (no router gradient); pass normalize="none" to route with the raw '
+                    "probability instead"
+                )
             router_module = create_router("topk", d_model=D, num_experts=E, **options)
         else:
             router_module = create_router(router, d_model=D, num_experts=E, **router_options)
@@ -306,7 +310,9 @@ def _writable_state(family: _Family, layer: MoELayer, target: dict[str, Tensor],
         writable[name] = value
     missing = sorted(set(target) - set(writable))
     if strict and missing:
-        raise ValueError(f"the layer cannot provide {family.name} block entries {missing}; use strict=False to keep them")
+        raise ValueError(
+            f"the layer cannot provide {family.name} block entries {missing}; use strict=False to keep them"
+        )
     return writable
 
 

@@ -52,7 +52,9 @@ class MoELayer(nn.Module):
         check_choice("activation", activation, ACTIVATIONS)
         if (shared_d_ff is not None or shared_expert_gate) and not shared_experts:
             raise ValueError("shared_d_ff and shared_expert_gate need shared_experts >= 1")
-        if shared_d_ff is not None and (not isinstance(shared_d_ff, int) or isinstance(shared_d_ff, bool) or shared_d_ff < 1):
+        if shared_d_ff is not None and (
+            not isinstance(shared_d_ff, int) or isinstance(shared_d_ff, bool) or shared_d_ff < 1
+        ):
             raise ValueError(f"shared_d_ff must be None or a positive integer, got {shared_d_ff!r}")
         if experts is not None and getattr(experts, "num_experts", None) != router.num_experts:
             raise ValueError(
