@@ -447,3 +447,27 @@ def test_patch_model_is_all_or_nothing(monkeypatch):
     after = model.state_dict()
     for k in before:
         assert torch.equal(after[k], before[k]), k
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_each_expert_keeps_its_gate_up_order(family):
+    """Expert by expert (no routing involved): routelab's expert e computes transformers' expert e."""
+    block = moe_block(make_model(family))
+    layer = from_hf(block)
+    x = torch.randn(5, D)
+    hf = block.experts
+    for e in range(hf.num_experts):
+        if family == "gpt_oss":
+            gated = hf._apply_gate(x @ hf.gate_up_proj[e] + hf.gate_up_proj_bias[e])
+            want = gated @ hf.down_proj[e] + hf.down_proj_bias[e]
+        else:
+            gate, up = torch.nn.functional.linear(x, hf.gate_up_proj[e]).chunk(2, dim=-1)
+            want = torch.nn.functional.linear(hf.act_fn(gate) * up, hf.down_proj[e])
+        torch.testing.assert_close(layer.experts.expert(x, e), want, atol=1e-6, rtol=0)
+
+
+def test_top1_with_normalised_weights_asks_for_normalize_none():
+    block = moe_block(make_model("mixtral"))
+    with pytest.raises(ValueError, match='normalize="none"'):
+        from_hf(block, k=1)
+    assert from_hf(block, k=1, normalize="none").router.k == 1
