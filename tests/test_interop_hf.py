@@ -471,3 +471,16 @@ def test_top1_with_normalised_weights_asks_for_normalize_none():
     with pytest.raises(ValueError, match='normalize="none"'):
         from_hf(block, k=1)
     assert from_hf(block, k=1, normalize="none").router.k == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_model_in_bf16_stays_within_rounding(family):
+    # routelab computes router logits in fp32 where transformers uses the model dtype: a few bf16 ulps apart.
+    model = make_model(family, dtype=torch.bfloat16, experts_implementation=None)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 9))
+    with torch.no_grad():
+        logits_hf = model(ids).logits
+        patch_model(model)
+        logits_rl = model(ids).logits
+    assert logits_rl.dtype == torch.bfloat16
+    torch.testing.assert_close(logits_rl.float(), logits_hf.float(), atol=4e-3, rtol=0)
