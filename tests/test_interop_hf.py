@@ -484,3 +484,10 @@ def test_patch_model_in_bf16_stays_within_rounding(family):
         logits_rl = model(ids).logits
     assert logits_rl.dtype == torch.bfloat16
     torch.testing.assert_close(logits_rl.float(), logits_hf.float(), atol=4e-3, rtol=0)
+
+
+def test_mixtral_router_jitter_becomes_topk_jitter():
+    config = _config("mixtral")
+    config.router_jitter_noise = 0.05
+    block = transformers.AutoModelForCausalLM.from_config(config).model.layers[0].mlp
+    assert from_hf(block).router.jitter == 0.05

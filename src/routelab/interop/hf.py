@@ -223,8 +223,8 @@ def from_hf(block: nn.Module, *, router: str | None = None, **router_options: An
 
     router=None: a `topk` router configured to reproduce the family's routing exactly; `router_options` override
     single options (e.g. `k=4`). router="name": `create_router(name, **router_options)` with the HF gate weights
-    copied in where names and shapes agree. The layer is on the block's device, with the block's dtype for weights
-    (router buffers stay fp32) and the block's training mode.
+    copied in where names and shapes agree. The layer is on the block's device, with the block's dtypes (so that
+    `to_hf` is bit-exact) and training mode; the router still computes in fp32.
     """
     family = _family_of(block)
     _check_activation(family, block)
