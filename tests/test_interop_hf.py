@@ -185,8 +185,7 @@ def test_training_step_on_patched_model_equals_hf_step(family):
     if records_logits:
         assert losses[0].aux_loss is not None
         torch.testing.assert_close(losses[1].aux_loss, losses[0].aux_loss, atol=1e-6, rtol=0)
-
-    if records_logits:  # one recorded router-logits tensor per MoE layer, not more
+        # one recorded router-logits tensor per MoE layer, not more
         assert len(losses[1].router_logits) == len(losses[0].router_logits) == PATCHED_BLOCKS.get(family, 2)
 
     unpatch_model(model_rl)
