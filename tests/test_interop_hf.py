@@ -490,3 +490,15 @@ def test_mixtral_router_jitter_becomes_topk_jitter():
     config.router_jitter_noise = 0.05
     block = transformers.AutoModelForCausalLM.from_config(config).model.layers[0].mlp
     assert from_hf(block).router.jitter == 0.05
+
+
+def test_to_hf_refuses_a_block_of_another_shape():
+    layer = from_hf(moe_block(make_model("qwen3_moe")))  # 4 experts
+    config = _config("qwen3_moe")
+    config.num_experts = 8
+    with pytest.raises(ValueError, match="shape mismatch for Qwen3-MoE block entry 'gate.weight'"):
+        to_hf(layer, moe_block(transformers.AutoModelForCausalLM.from_config(config)))
+    with pytest.raises(ValueError, match="no 'shared_experts.w_gate_up', which a DeepSeek-V3 block needs"):
+        to_hf(layer, moe_block(make_model("deepseek_v3")))
+    with pytest.raises(TypeError, match="MoELayer"):
+        to_hf(torch.nn.Linear(2, 2), moe_block(make_model("qwen3_moe")))
