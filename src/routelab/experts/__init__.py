@@ -1,5 +1,7 @@
 """Expert banks: 3-D weights run as grouped matmuls over expert-contiguous rows."""
 
+from routelab.experts.clamped import ClampedSwiGLUExperts
+from routelab.experts.gated import GatedSharedExpert
 from routelab.experts.swiglu import SwiGLUExperts
 
-__all__ = ["SwiGLUExperts"]
+__all__ = ["ClampedSwiGLUExperts", "GatedSharedExpert", "SwiGLUExperts"]

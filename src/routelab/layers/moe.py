@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from routelab.dispatch.permute import combine, permute
+from routelab.experts.gated import GatedSharedExpert
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice
 
@@ -21,6 +22,10 @@ class MoELayer(nn.Module):
     router:          any `Router` with `d_model` and `num_experts` matching this layer.
     d_ff:            width of each routed expert.
     shared_experts:  n ≥ 0 always-on experts, run as one SwiGLU MLP of width n·d_ff.
+    shared_d_ff:     width of that shared MLP when it is not n·d_ff (Qwen2-MoE); needs shared_experts ≥ 1.
+    shared_expert_gate: scale the shared output per token by sigmoid(x·w) (Qwen2-MoE's `GatedSharedExpert`).
+    experts:         a prebuilt routed expert bank (any module with `num_experts` and `forward(rows_SD,
+                     group_sizes_E)`, e.g. `ClampedSwiGLUExperts` for gpt-oss); default a `SwiGLUExperts` bank.
 
     After a forward, `last_decision` holds the routing decision (tensors detached, aux losses with their graph).
     """
@@ -33,6 +38,9 @@ class MoELayer(nn.Module):
         *,
         shared_experts: int = 0,
         activation: str = "swiglu",
+        shared_d_ff: int | None = None,
+        shared_expert_gate: bool = False,
+        experts: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(router, Router):
@@ -42,11 +50,27 @@ class MoELayer(nn.Module):
         if not isinstance(shared_experts, int) or isinstance(shared_experts, bool) or shared_experts < 0:
             raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
         check_choice("activation", activation, ACTIVATIONS)
+        if (shared_d_ff is not None or shared_expert_gate) and not shared_experts:
+            raise ValueError("shared_d_ff and shared_expert_gate need shared_experts >= 1")
+        if shared_d_ff is not None and (
+            not isinstance(shared_d_ff, int) or isinstance(shared_d_ff, bool) or shared_d_ff < 1
+        ):
+            raise ValueError(f"shared_d_ff must be None or a positive integer, got {shared_d_ff!r}")
+        if experts is not None and getattr(experts, "num_experts", None) != router.num_experts:
+            raise ValueError(
+                f"experts.num_experts={getattr(experts, 'num_experts', None)!r} does not match "
+                f"router.num_experts={router.num_experts}"
+            )
         self.d_model, self.d_ff = d_model, d_ff
         self.router = router
-        self.experts = SwiGLUExperts(router.num_experts, d_model, d_ff)
+        self.experts = experts if experts is not None else SwiGLUExperts(router.num_experts, d_model, d_ff)
         # A shared expert is a one-expert bank that every token enters with weight 1.
-        self.shared_experts = SwiGLUExperts(1, d_model, shared_experts * d_ff) if shared_experts else None
+        shared_width = shared_d_ff if shared_d_ff is not None else shared_experts * d_ff
+        self.shared_experts: nn.Module | None = None
+        if shared_experts and shared_expert_gate:
+            self.shared_experts = GatedSharedExpert(d_model, shared_width)
+        elif shared_experts:
+            self.shared_experts = SwiGLUExperts(1, d_model, shared_width)
         self.last_decision: RoutingDecision | None = None
 
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:

@@ -18,7 +18,9 @@ Algorithm (logits z = W x, in fp32):
 Options (keyword-only) and defaults: k=2; score="softmax"; normalize = "selected" for k > 1 and "none" for k = 1
 (a renormalised single gate is always 1 and gives the router no gradient); scaling=1.0; n_group=None;
 topk_group=None; group_score = "top2_sum" when a balancing bias is used, else "max"; aux_loss_coef=1e-2 (Switch
-loss, exactly 1·coef at uniform routing); z_loss_coef=0.0; balance="none"; bias_update_rate=1e-3 (γ);
+loss, exactly 1·coef at uniform routing); aux_loss_form="switch" | "per_slot" (Hugging Face's Mixtral/Qwen/OLMoE
+form for one layer: f counts every slot, f_e = load_e / T, so the loss is k times the Switch loss, k·coef at uniform
+routing); z_loss_coef=0.0; balance="none"; bias_update_rate=1e-3 (γ);
 bip_iters=4; capacity_factor=None (dropless); drop_policy="probs"; jitter=0.0 (training only: x · U(1-ε, 1+ε));
 router_bias=False (a learned bias on the logits, as in GPT-OSS).
 
@@ -46,6 +48,7 @@ SCORES = ("softmax", "sigmoid")
 NORMALIZATIONS = ("selected", "none")
 BALANCES = ("none", "loss_free", "bip")
 GROUP_SCORES = ("max", "top2_sum")
+AUX_LOSS_FORMS = ("switch", "per_slot")
 
 
 @register_router("topk")
@@ -78,6 +81,7 @@ class TopKRouter(Router):
         drop_policy: str = "probs",
         jitter: float = 0.0,
         router_bias: bool = False,
+        aux_loss_form: str = "switch",
     ) -> None:
         super().__init__(d_model=d_model, num_experts=num_experts)
         E = num_experts
@@ -94,6 +98,7 @@ class TopKRouter(Router):
             )
         check_choice("balance", balance, BALANCES)
         check_choice("drop_policy", drop_policy, DROP_POLICIES)
+        check_choice("aux_loss_form", aux_loss_form, AUX_LOSS_FORMS)
         if group_score is None:
             group_score = "max" if balance == "none" else "top2_sum"
         check_choice("group_score", group_score, GROUP_SCORES)
@@ -135,6 +140,7 @@ class TopKRouter(Router):
         self.topk_group = topk_group
         self.group_score = group_score
         self.aux_loss_coef = float(aux_loss_coef)
+        self.aux_loss_form = aux_loss_form
         self.z_loss_coef = float(z_loss_coef)
         self.balance = balance
         self.bias_update_rate = float(bias_update_rate)
@@ -193,7 +199,9 @@ class TopKRouter(Router):
             probs_TE = real_scores_TE
             if self.score == "sigmoid":
                 probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
-            aux_losses["aux"] = self.aux_loss_coef * switch_balance_loss(probs_TE, load_E)
+            # "per_slot" normalises the load by tokens, not assignments: Σ f = k, so k times the Switch loss.
+            form_scale = k if self.aux_loss_form == "per_slot" else 1
+            aux_losses["aux"] = self.aux_loss_coef * form_scale * switch_balance_loss(probs_TE, load_E)
         if self.z_loss_coef > 0:
             real_logits_TE = logits_TE if real_T is None else logits_TE[real_T]
             aux_losses["z"] = self.z_loss_coef * router_z_loss(real_logits_TE)

@@ -1,0 +1,84 @@
+"""Banks of GPT-OSS-style experts: biased projections and a clamped, shifted SwiGLU.
+
+Shape legend: S rows (assignments, sorted by expert), D model width, F expert width, E experts.
+
+Expert e on a row x (OpenAI gpt-oss, as in Hugging Face transformers' `GptOssExperts`):
+    h = x @ w_gate_up[e] + b_gate_up[e];  gate = h[:F].clamp(max=limit);  up = h[F:].clamp(-limit, limit)
+    y = ((up + 1) · gate · sigmoid(alpha · gate)) @ w_down[e] + b_down[e]
+The layout is routelab's (gate = first F columns, up = last F); gpt-oss stores gate and up interleaved, which
+`routelab.interop.hf` converts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class ClampedSwiGLUExperts(nn.Module):
+    """E independent clamped-SwiGLU MLPs with biases, stored as 3-D weights (same interface as `SwiGLUExperts`).
+
+    w_gate_up [E, D, 2F], b_gate_up [E, 2F], w_down [E, F, D], b_down [E, D].
+    Options (keyword-only): alpha=1.702 (sigmoid sharpness), limit=7.0 (clamp bound), bias=True (set False for
+    bias-free projections). Defaults are gpt-oss's.
+    """
+
+    def __init__(
+        self, num_experts: int, d_model: int, d_ff: int, *, alpha: float = 1.702, limit: float = 7.0, bias: bool = True
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("alpha", alpha), ("limit", limit)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.alpha, self.limit = float(alpha), float(limit)
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_ff))
+        self.w_down = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        if bias:
+            self.b_gate_up = nn.Parameter(torch.empty(num_experts, 2 * d_ff))
+            self.b_down = nn.Parameter(torch.empty(num_experts, d_model))
+        else:
+            self.register_parameter("b_gate_up", None)
+            self.register_parameter("b_down", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_gate_up, std=1.0 / math.sqrt(self.d_model))
+        nn.init.normal_(self.w_down, std=1.0 / math.sqrt(self.d_ff))
+        if self.b_gate_up is not None:
+            nn.init.zeros_(self.b_gate_up)
+            nn.init.zeros_(self.b_down)
+
+    def forward(self, rows_SD: Tensor, group_sizes_E: Tensor) -> Tensor:
+        """rows_SD sorted by expert, group_sizes_E rows per expert → expert outputs [S, D] in the same order."""
+        slices = rows_SD.split(group_sizes_E.tolist())
+        outputs = [self.expert(rows_ND, e) for e, rows_ND in enumerate(slices) if rows_ND.shape[0]]
+        if not outputs:
+            return rows_SD.new_zeros(0, self.d_model)
+        return torch.cat(outputs)
+
+    def expert(self, x_ND: Tensor, e: int) -> Tensor:
+        """Expert e on rows x_ND."""
+        F_ = self.d_ff
+        h_N2F = x_ND @ self.w_gate_up[e]
+        if self.b_gate_up is not None:
+            h_N2F = h_N2F + self.b_gate_up[e]
+        gate_NF = h_N2F[:, :F_].clamp(max=self.limit)
+        up_NF = h_N2F[:, F_:].clamp(min=-self.limit, max=self.limit)
+        # NOTE: the same operation order as gpt-oss / transformers, so conversions agree to the last bit in fp32.
+        glu_NF = gate_NF * torch.sigmoid(gate_NF * self.alpha)
+        y_ND = ((up_NF + 1) * glu_NF) @ self.w_down[e]
+        if self.b_down is not None:
+            y_ND = y_ND + self.b_down[e]
+        return y_ND
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, alpha={self.alpha}, "
+            f"limit={self.limit}, bias={self.b_gate_up is not None}"
+        )
