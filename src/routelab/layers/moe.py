@@ -5,12 +5,15 @@ Shape legend: T tokens, D model width, F expert width, E experts, S assignments.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
 from routelab.dispatch.permute import combine, permute
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice
+from routelab.routing.erc import check_erc_options, layer_erc_loss
 
 ACTIVATIONS = ("swiglu",)
 
@@ -21,6 +24,8 @@ class MoELayer(nn.Module):
     router:          any `Router` with `d_model` and `num_experts` matching this layer.
     d_ff:            width of each routed expert.
     shared_experts:  n ≥ 0 always-on experts, run as one SwiGLU MLP of width n·d_ff.
+    erc_loss_coef:   c ≥ 0; in training mode, adds c·ERC loss (routing/erc.py) to the aux losses as "erc".
+    erc_alpha:       the ERC loss's α (default 1.0).
 
     After a forward, `last_decision` holds the routing decision (tensors detached, aux losses with their graph).
     """
@@ -33,6 +38,8 @@ class MoELayer(nn.Module):
         *,
         shared_experts: int = 0,
         activation: str = "swiglu",
+        erc_loss_coef: float = 0.0,
+        erc_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(router, Router):
@@ -42,6 +49,8 @@ class MoELayer(nn.Module):
         if not isinstance(shared_experts, int) or isinstance(shared_experts, bool) or shared_experts < 0:
             raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
         check_choice("activation", activation, ACTIVATIONS)
+        check_erc_options(router, erc_loss_coef, erc_alpha)
+        self.erc_loss_coef, self.erc_alpha = float(erc_loss_coef), float(erc_alpha)
         self.d_model, self.d_ff = d_model, d_ff
         self.router = router
         self.experts = SwiGLUExperts(router.num_experts, d_model, d_ff)
@@ -63,6 +72,9 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, self.d_model)
 
         decision = self.router(x_TD, ctx)
+        if self.erc_loss_coef > 0 and self.training:
+            erc = self.erc_loss_coef * layer_erc_loss(self, self.erc_alpha)
+            decision = dataclasses.replace(decision, aux_losses={**decision.aux_losses, "erc": erc})
         self.last_decision = decision.detached()
         rows_SD, group_sizes_E, plan = permute(x_TD, decision)
         y_TD = combine(self.experts(rows_SD, group_sizes_E), plan)
