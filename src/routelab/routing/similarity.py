@@ -86,7 +86,7 @@ class SimilarityRouter(Router):
         probs_TE = logits_TE.softmax(-1)
         real_T = real_mask(ctx, T, x_TD.device)
         B, L = sequence_shape(ctx, T)
-        mix_BLL = self.mixing(x_TD.view(B, L, -1), real_T.view(B, L))
+        mix_BLL = self.mixing(x_TD.view(B, L, self.d_model), real_T.view(B, L))
         mixed_TE = (mix_BLL @ probs_TE.view(B, L, E)).reshape(T, E)
 
         expert_TK = top_indices(mixed_TE.detach(), k)
