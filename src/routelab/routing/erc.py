@@ -25,6 +25,21 @@ from torch import Tensor, nn
 from routelab.routing.base import Router
 
 
+def perturb_rows(router_ED: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """R̃ [E, D]: each row times U(1 - ε_i, 1 + ε_i) noise, ε_i = min_{j≠i} ‖R_i - R_j‖ / (2‖R_i‖) (ε detached)."""
+    E = router_ED.shape[0]
+    with torch.no_grad():
+        dist_EE = torch.cdist(router_ED, router_ED)
+        if E > 1:
+            dist_EE.fill_diagonal_(float("inf"))
+        eps_E = dist_EE.amin(dim=1).nan_to_num(0.0, posinf=0.0) / (
+            2 * router_ED.norm(dim=1).clamp_min(torch.finfo(router_ED.dtype).tiny)
+        )
+        u_ED = torch.rand(router_ED.shape, generator=generator, dtype=router_ED.dtype, device=router_ED.device)
+        scale_ED = 1 + eps_E[:, None] * (2 * u_ED - 1)
+    return router_ED * scale_ED
+
+
 def erc_loss(router_ED: Tensor, gate_EDF: Tensor, *, alpha: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """The unscaled ERC loss (0-d, fp32 or fp64) from router rows [E, D] and expert gate projections [E, D, F]."""
     E = router_ED.shape[0]
@@ -32,12 +47,7 @@ def erc_loss(router_ED: Tensor, gate_EDF: Tensor, *, alpha: float = 1.0, generat
     R_ED, W_EDF = router_ED.to(dtype), gate_EDF.to(dtype)
     if E < 2:
         return (R_ED.sum() + W_EDF.sum()) * 0.0
-    with torch.no_grad():
-        dist_EE = torch.cdist(R_ED, R_ED).fill_diagonal_(float("inf"))
-        eps_E = dist_EE.amin(dim=1) / (2 * R_ED.norm(dim=1).clamp_min(torch.finfo(dtype).tiny))
-        u_ED = torch.rand(R_ED.shape, generator=generator, dtype=dtype, device=R_ED.device)
-        scale_ED = 1 + eps_E[:, None] * (2 * u_ED - 1)
-    noisy_ED = R_ED * scale_ED
+    noisy_ED = perturb_rows(R_ED, generator)
     M_EE = torch.einsum("id,jdf->ijf", noisy_ED, W_EDF).norm(dim=-1)
     diag_E = M_EE.diagonal()
     off_EE = ~torch.eye(E, dtype=torch.bool, device=R_ED.device)
