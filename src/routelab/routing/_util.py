@@ -23,6 +23,12 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> No
         raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
 
 
+def check_bool(name: str, value: object) -> None:
+    """Raise a ValueError naming `name` unless `value` is True or False (not 0 or 1)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be one of True, False; got {value!r}")
+
+
 def check_number(
     name: str, value: object, *, low: float | None = None, high: float | None = None, open_low: bool = False
 ) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_int, check_number, flatten_choices, real_mask, top_indices
+from routelab.routing._util import check_bool, check_int, check_number, flatten_choices, real_mask, top_indices
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
 from routelab.routing.registry import register_router
 
@@ -65,7 +65,7 @@ class NullExpertsRouter(Router):
         super().__init__(d_model=d_model, num_experts=num_experts)
         check_int("num_null_experts", num_null_experts, 1)
         check_int("k", k, 1, num_experts + num_null_experts)
-        check_choice("separate_null_gate", separate_null_gate, (True, False))
+        check_bool("separate_null_gate", separate_null_gate)
         check_number("aux_loss_coef", aux_loss_coef, low=0)
         self.num_null_experts, self.k = num_null_experts, k
         self.separate_null_gate = separate_null_gate

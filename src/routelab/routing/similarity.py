@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_int, check_number, flatten_choices, real_mask, sequence_shape, top_indices
+from routelab.routing._util import check_bool, check_int, check_number, flatten_choices, real_mask, sequence_shape, top_indices
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
 from routelab.routing.losses import switch_balance_loss
 from routelab.routing.registry import register_router
@@ -54,7 +54,7 @@ class SimilarityRouter(Router):
         check_int("k", k, 1, num_experts)
         check_choice("kernel", kernel, KERNELS)
         check_number("tau", tau, low=0, open_low=True)
-        check_choice("causal", causal, (True, False))
+        check_bool("causal", causal)
         check_number("aux_loss_coef", aux_loss_coef, low=0)
         self.k, self.kernel, self.tau, self.causal = k, kernel, float(tau), causal
         self.aux_loss_coef = float(aux_loss_coef)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_int, check_number, flatten_choices, real_mask, top_indices, unit_interval
+from routelab.routing._util import check_bool, check_int, check_number, flatten_choices, real_mask, top_indices, unit_interval
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
 from routelab.routing.registry import register_router
 
@@ -111,7 +111,7 @@ class SinkhornRouter(Router):
         check_number("tol", tol, low=0, open_low=True)
         check_choice("cost", cost, COSTS)
         check_choice("gate_from", gate_from, GATES_FROM)
-        check_choice("balanced", balanced, (False, True))
+        check_bool("balanced", balanced)
         if balanced and k != 1:
             raise ValueError(f"balanced=True (BASE-style assignment) needs k=1, got k={k}")
         check_int("seed", seed, 0)
