@@ -74,13 +74,17 @@ def test_layer_erc_uses_only_the_true_expert_rows_of_a_wider_gate():
     assert torch.isfinite(layer.last_decision.aux_losses["erc"])
 
 
-@pytest.mark.parametrize("name,options", [("cosine", {}), ("hash", {}), ("random_fixed", {}), ("kmeans", {}), ("recurrent", dict(hidden=8))])
+@pytest.mark.parametrize(
+    "name,options", [("cosine", {}), ("hash", {}), ("random_fixed", {}), ("kmeans", {}), ("recurrent", dict(hidden=8))]
+)
 def test_erc_rejects_routers_without_a_linear_gate(name, options):
     with pytest.raises(ValueError, match="linear gate"):
         _layer(name, **options)
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(erc_loss_coef=-1.0), "erc_loss_coef"), (dict(erc_alpha=-0.5), "erc_alpha")])
+@pytest.mark.parametrize(
+    "kwargs,match", [(dict(erc_loss_coef=-1.0), "erc_loss_coef"), (dict(erc_alpha=-0.5), "erc_alpha")]
+)
 def test_erc_options_validated(kwargs, match):
     router = routelab.create_router("topk", d_model=8, num_experts=4)
     with pytest.raises(ValueError, match=match):

@@ -1,8 +1,6 @@
 """sinkhorn (ROUTERS.md §5): plan marginals against a plain-domain reference, p = 0 ≡ topk, balance on the transport
 branch, eval never transports, BASE-style exact balance, seeded branch, padding."""
 
-import math
-
 import pytest
 import torch
 

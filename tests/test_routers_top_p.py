@@ -62,7 +62,10 @@ def test_uniform_and_one_hot():
     E = 8
     uniform = torch.full((1, E), 1.0 / E)
     for p in (0.3, 0.45, 0.6):
-        n = {r: len(_sets(_route_probs(_router(E=E, p=p, rule=r, min_k=0), uniform), 1)[0]) for r in ("exceed", "reach", "within")}
+        n = {
+            r: len(_sets(_route_probs(_router(E=E, p=p, rule=r, min_k=0), uniform), 1)[0])
+            for r in ("exceed", "reach", "within")
+        }
         assert n["exceed"] == math.floor(p * E) + 1 and n["reach"] == math.ceil(p * E)
         assert n["within"] == math.floor(p * E)
     one_hot = torch.full((1, E), 1e-9)

@@ -88,7 +88,9 @@ def _grouped_reference(scores, bias, k, n_group, topk_group):
 def test_group_limited_selection_matches_loop_and_touches_at_most_topk_group_groups():
     torch.manual_seed(2)
     E, k, n_group, topk_group = 16, 4, 4, 2
-    router = _router(E=E, d=16, k=k, score="sigmoid", n_group=n_group, topk_group=topk_group, balance="loss_free", scaling=2.5)
+    router = _router(
+        E=E, d=16, k=k, score="sigmoid", n_group=n_group, topk_group=topk_group, balance="loss_free", scaling=2.5
+    )
     router.expert_bias.copy_(torch.randn(E) * 0.2)
     x = torch.randn(60, 16)
     d = router(x)
@@ -106,7 +108,8 @@ def test_group_limited_selection_matches_loop_and_touches_at_most_topk_group_gro
 def test_switch_aux_is_exactly_coef_at_uniform_load_with_nonuniform_probabilities():
     # k = 1, E = 4, T = 8: two tokens per expert, probabilities far from uniform
     logits = torch.zeros(8, 4)
-    logits[torch.arange(8), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])] = torch.tensor([1.0, 4.0, 2.0, 0.5, 3.0, 1.0, 2.5, 0.7])
+    winners = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    logits[torch.arange(8), winners] = torch.tensor([1.0, 4.0, 2.0, 0.5, 3.0, 1.0, 2.5, 0.7])
     router = _router(E=4, d=8, k=1, aux_loss_coef=0.02)
     d = router(_set_logits(router, logits))
     assert d.expert_load().tolist() == [2, 2, 2, 2]

@@ -49,7 +49,8 @@ def make_routers(name: str, options: dict, n: int, *, d_model: int = D, num_expe
     """n routers of one model: the shared modules are built once and handed to each."""
     shared = router_class(name).shared_modules(d_model=d_model, num_experts=num_experts, **options)
     return [
-        routelab.create_router(name, d_model=d_model, num_experts=num_experts, **{**options, **shared}) for _ in range(n)
+        routelab.create_router(name, d_model=d_model, num_experts=num_experts, **{**options, **shared})
+        for _ in range(n)
     ]
 
 

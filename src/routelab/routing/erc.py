@@ -26,7 +26,7 @@ from routelab.routing.base import Router
 
 
 def perturb_rows(router_ED: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """R̃ [E, D]: each row times U(1 - ε_i, 1 + ε_i) noise, ε_i = min_{j≠i} ‖R_i - R_j‖ / (2‖R_i‖) (ε detached)."""
+    """R̃ [E, D]: rows times U(1 - ε_i, 1 + ε_i) noise, ε_i = min_{j≠i} ‖R_i - R_j‖ / (2‖R_i‖), detached."""
     E = router_ED.shape[0]
     with torch.no_grad():
         dist_EE = torch.cdist(router_ED, router_ED)
@@ -40,7 +40,9 @@ def perturb_rows(router_ED: Tensor, generator: torch.Generator | None = None) ->
     return router_ED * scale_ED
 
 
-def erc_loss(router_ED: Tensor, gate_EDF: Tensor, *, alpha: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def erc_loss(
+    router_ED: Tensor, gate_EDF: Tensor, *, alpha: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
     """The unscaled ERC loss (0-d, fp32 or fp64) from router rows [E, D] and expert gate projections [E, D, F]."""
     E = router_ED.shape[0]
     dtype = torch.float64 if router_ED.dtype == torch.float64 else torch.float32

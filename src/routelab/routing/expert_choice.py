@@ -184,4 +184,6 @@ class ExpertChoiceRouter(Router):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}, gating={self.gating}, scope={self.scope}"
+        return (
+            f"{super().extra_repr()}, capacity_factor={self.capacity_factor}, gating={self.gating}, scope={self.scope}"
+        )

@@ -132,7 +132,8 @@ class KMeansRouter(Router):
             has_E = count_E > 0
             mean_ED = self._pending_sum / count_E.clamp_min(1)[:, None]
             moved_ED = self.momentum * self.centroids.double() + (1 - self.momentum) * mean_ED
-            self.centroids.copy_(torch.where(has_E[:, None], moved_ED, self.centroids.double()).to(self.centroids.dtype))
+            moved_ED = torch.where(has_E[:, None], moved_ED, self.centroids.double())
+            self.centroids.copy_(moved_ED.to(self.centroids.dtype))
             if n > 0:  # idle counts move only on steps that saw tokens
                 self.idle_updates.copy_(torch.where(has_E, 0, self.idle_updates + 1))
             if self.reseed_after is not None and n > 0:

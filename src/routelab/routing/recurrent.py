@@ -99,7 +99,9 @@ class RecurrentRouter(Router):
         if state_TH is None:
             state_TH = inp_TH.new_zeros(inp_TH.shape)
         elif state_TH.shape != inp_TH.shape:
-            raise ValueError(f"RoutingContext.state must be [T, hidden] = {tuple(inp_TH.shape)}, got {tuple(state_TH.shape)}")
+            raise ValueError(
+                f"RoutingContext.state must be [T, hidden] = {tuple(inp_TH.shape)}, got {tuple(state_TH.shape)}"
+            )
         c = self.cell
         weights = [w.to(dtype) for w in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)]
         state_TH = state_TH.to(dtype)

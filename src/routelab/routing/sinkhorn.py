@@ -38,7 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_bool, check_int, check_number, flatten_choices, real_mask, top_indices, unit_interval
+from routelab.routing._util import (
+    check_bool,
+    check_int,
+    check_number,
+    flatten_choices,
+    real_mask,
+    top_indices,
+    unit_interval,
+)
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
 from routelab.routing.registry import register_router
 
