@@ -205,4 +205,4 @@ def test_training_smoke_two_layer_toy_regression(name):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.7 * first, f"{name}: loss {first:.3f} -> {last:.3f}"
+    assert last < 0.5 * first, f"{name}: loss {first:.3f} -> {last:.3f}"  # at least halves
