@@ -58,6 +58,16 @@ def test_kmeans_routes_a_batch_with_pre_update_centroids_and_is_scale_invariant(
     assert list(router.parameters()) == []
 
 
+def test_kmeans_micro_batches_add_up_to_one_global_batch():
+    torch.manual_seed(9)
+    a, b = _kmeans(k=2, momentum=0.8), _kmeans(k=2, momentum=0.8)
+    x = torch.randn(24, 6)
+    a(x[:10]), a(x[10:])  # two micro-batches of one optimizer step
+    b(x)
+    routelab.update_routers(a), routelab.update_routers(b)
+    torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-6, atol=1e-7)
+
+
 def test_kmeans_first_batch_init_and_reseeding():
     torch.manual_seed(2)
     router = routelab.create_router("kmeans", d_model=6, num_experts=4, k=1, reseed_after=1)
