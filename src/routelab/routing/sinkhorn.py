@@ -96,6 +96,8 @@ def balanced_rounding(plan_TE: Tensor) -> Tensor:
 class SinkhornRouter(Router):
     """Softmax top-k that, with probability p per training (step, layer), routes by a Sinkhorn transport plan."""
 
+    causal = False  # the class in general; each instance reports its mode (see `train`)
+
     def __init__(
         self,
         *,
@@ -129,10 +131,13 @@ class SinkhornRouter(Router):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model**-0.5)
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long))
+        self.causal = self.p == 0 or not self.training
 
-    @property
-    def causal(self) -> bool:  # type: ignore[override]
-        return self.p == 0 or not self.training
+    def train(self, mode: bool = True) -> SinkhornRouter:
+        """Also updates `causal`: the transport branch (training only, p > 0) reads every token of the batch."""
+        super().train(mode)
+        self.causal = self.p == 0 or not mode
+        return self
 
     def transport_branch(self, ctx: RoutingContext | None) -> bool:
         """Whether this forward routes by transport: a deterministic function of (seed, step, layer)."""
