@@ -170,10 +170,21 @@ def test_causal_routers_ignore_later_tokens(name, options, training):
     torch.testing.assert_close(w1, w2, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_causal_is_a_bool_on_every_instance_and_follows_the_mode(name, options):
+    layer = make_layer(name, options)
+    assert isinstance(routelab.routing.router_class(name).causal, bool)
+    for model_mode in (True, False, True):
+        layer.train(model_mode)  # a parent's train()/eval() reaches the router
+        assert isinstance(layer.router.causal, bool)
+
+
 def test_non_causal_routers_say_so():
     assert routelab.create_router("expert_choice", d_model=D, num_experts=4).causal is False
     sinkhorn = routelab.create_router("sinkhorn", d_model=D, num_experts=4, p=0.5)
-    assert sinkhorn.causal is False and sinkhorn.eval().causal is True
+    assert sinkhorn.causal is False and sinkhorn.eval().causal is True and sinkhorn.train().causal is False
+    layer = routelab.MoELayer(D, 6, sinkhorn)
+    assert layer.eval().router.causal is True and layer.train().router.causal is False
     assert routelab.create_router("similarity", d_model=D, num_experts=4, causal=False).causal is False
     assert routelab.create_router("topk", d_model=D, num_experts=4, capacity_factor=1.0).causal is False
 
