@@ -5,6 +5,8 @@ Shape legend: T tokens, D model width, F expert width, E experts, S assignments.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -12,6 +14,7 @@ from routelab.dispatch.permute import combine, permute
 from routelab.experts.gated import GatedSharedExpert
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice
+from routelab.routing.erc import check_erc_options, layer_erc_loss
 
 ACTIVATIONS = ("swiglu",)
 
@@ -26,6 +29,8 @@ class MoELayer(nn.Module):
     shared_expert_gate: scale the shared output per token by sigmoid(x·w) (Qwen2-MoE's `GatedSharedExpert`).
     experts:         a prebuilt routed expert bank (any module with `num_experts` and `forward(rows_SD,
                      group_sizes_E)`, e.g. `ClampedSwiGLUExperts` for gpt-oss); default a `SwiGLUExperts` bank.
+    erc_loss_coef:   c ≥ 0; in training mode, adds c·ERC loss (routing/erc.py) to the aux losses as "erc".
+    erc_alpha:       the ERC loss's α (default 1.0).
 
     After a forward, `last_decision` holds the routing decision (tensors detached, aux losses with their graph).
     """
@@ -41,6 +46,8 @@ class MoELayer(nn.Module):
         shared_d_ff: int | None = None,
         shared_expert_gate: bool = False,
         experts: nn.Module | None = None,
+        erc_loss_coef: float = 0.0,
+        erc_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(router, Router):
@@ -61,6 +68,8 @@ class MoELayer(nn.Module):
                 f"experts.num_experts={getattr(experts, 'num_experts', None)!r} does not match "
                 f"router.num_experts={router.num_experts}"
             )
+        check_erc_options(router, erc_loss_coef, erc_alpha)
+        self.erc_loss_coef, self.erc_alpha = float(erc_loss_coef), float(erc_alpha)
         self.d_model, self.d_ff = d_model, d_ff
         self.router = router
         self.experts = experts if experts is not None else SwiGLUExperts(router.num_experts, d_model, d_ff)
@@ -87,6 +96,9 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, self.d_model)
 
         decision = self.router(x_TD, ctx)
+        if self.erc_loss_coef > 0 and self.training:
+            erc = self.erc_loss_coef * layer_erc_loss(self, self.erc_alpha)
+            decision = dataclasses.replace(decision, aux_losses={**decision.aux_losses, "erc": erc})
         self.last_decision = decision.detached()
         rows_SD, group_sizes_E, plan = permute(x_TD, decision)
         y_TD = combine(self.experts(rows_SD, group_sizes_E), plan)

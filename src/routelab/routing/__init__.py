@@ -3,6 +3,18 @@
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, update_routers
 from routelab.routing.registry import create_router, list_routers, register_router, router_class, router_options
 from routelab.routing.topk import TopKRouter
+from routelab.routing import (  # noqa: F401  (importing a family registers its routers)
+    cosine,
+    expert_choice,
+    hashing,
+    kmeans,
+    null_experts,
+    random_fixed,
+    recurrent,
+    similarity,
+    sinkhorn,
+    top_p,
+)
 
 __all__ = [
     "Router",

@@ -244,7 +244,7 @@ class TopKRouter(Router):
             choice_TE = choice_TE - self.bip_dual.to(choice_TE.dtype)
         if self.n_group is not None:
             T, G = choice_TE.shape[0], self.n_group
-            grouped_TGX = choice_TE.view(T, G, -1)
+            grouped_TGX = choice_TE.view(T, G, self.num_experts // G)
             if self.group_score == "max":
                 group_TG = grouped_TGX.amax(dim=-1)
             else:
@@ -252,7 +252,7 @@ class TopKRouter(Router):
             kept_TG = _top_indices(group_TG, self.topk_group)
             keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, kept_TG, True)
             # Masked experts are excluded with -inf, never 0: biased scores can be negative, and a zero would win.
-            choice_TE = grouped_TGX.masked_fill(~keep_TG[..., None], float("-inf")).view(T, -1)
+            choice_TE = grouped_TGX.masked_fill(~keep_TG[..., None], float("-inf")).view(T, self.num_experts)
         return _top_indices(choice_TE, self.k)
 
     # -- balancing state ----------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""Small helpers shared by the router families: option validation, stable top-k, seeded integers, sequences.
+
+Shape legend: T tokens, E experts, K slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from routelab.routing.base import RoutingContext
+
+_MASK64 = (1 << 64) - 1
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """Raise a ValueError naming `name` unless `value` is an int in [low, high]."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raise a ValueError naming `name` unless `value` is True or False (not 0 or 1)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be one of True, False; got {value!r}")
+
+
+def check_number(
+    name: str, value: object, *, low: float | None = None, high: float | None = None, open_low: bool = False
+) -> None:
+    """Raise a ValueError naming `name` unless `value` is a finite real number in the given range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        lo = "" if low is None else (f"> {low}" if open_low else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        rng = " and ".join(s for s in (lo, hi) if s) or "finite"
+        raise ValueError(f"{name} must be a number {rng}, got {value!r}")
+
+
+def top_indices(values_TE: Tensor, k: int, dim: int = -1) -> Tensor:
+    """Indices of the k largest entries along `dim`; ties go to the lower index (a stable sort, unlike torch.topk)."""
+    return torch.sort(values_TE, dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+
+
+def mix64(*values: int) -> int:
+    """A stable 64-bit mix of integers (splitmix64 steps); the same in every process, unlike Python's hash()."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h
+
+
+def unit_interval(*values: int) -> float:
+    """A number in [0, 1) that is a deterministic function of the integers."""
+    return (mix64(*values) >> 11) / float(1 << 53)
+
+
+def sequence_shape(ctx: RoutingContext | None, num_tokens: int) -> tuple[int, int]:
+    """(B, L): the flattened tokens as B sequences of length L, from ctx.batch_shape; a 2-D input is one sequence."""
+    shape = None if ctx is None else ctx.batch_shape
+    if shape is None or len(shape) <= 1:
+        return 1, num_tokens
+    L = int(shape[-1])
+    B = math.prod(int(s) for s in shape[:-1])
+    if B * L != num_tokens:
+        raise ValueError(f"RoutingContext.batch_shape={tuple(shape)} does not match {num_tokens} tokens")
+    return B, L
+
+
+def real_mask(ctx: RoutingContext | None, num_tokens: int, device: torch.device) -> Tensor:
+    """BoolTensor [T]: True for real (non-padding) tokens."""
+    pad_T = None if ctx is None else ctx.flat_padding_mask(num_tokens)
+    if pad_T is None:
+        return torch.ones(num_tokens, dtype=torch.bool, device=device)
+    return ~pad_T.to(device)
+
+
+def flatten_choices(expert_TK: Tensor, weight_TK: Tensor, keep_TK: Tensor | None = None):
+    """COO (token_S, expert_S, weight_S) from per-token slots, keeping slots where keep_TK is True."""
+    T, K = expert_TK.shape
+    token_TK = torch.arange(T, device=expert_TK.device)[:, None].expand(T, K)
+    if keep_TK is None:
+        return token_TK.reshape(-1), expert_TK.reshape(-1), weight_TK.reshape(-1)
+    return token_TK[keep_TK], expert_TK[keep_TK], weight_TK[keep_TK]

@@ -1,0 +1,120 @@
+"""Similarity-aware routing: each token's routing distribution is mixed with those of similar tokens.
+
+Paper: Improving Routing in Sparse Mixture of Experts with Graph of Tokens (Nguyen et al.).
+
+Defining property: routing is mixed over a token graph within each sequence: ŝ_t = Σ_j A_tj p_j is a probability
+vector; A = I reproduces softmax top-k; with causal=True token t ignores every j > t, and nothing mixes across
+sequences or with padding.
+
+Algorithm (paper for the idea; equations reconstructed; fp32):
+    p_j = softmax(W_r x_j)                                   (W_r = `gate`, Linear(d, E))
+    A_tj = softmax_j(x_tᵀ W_s x_j / τ)  (kernel="bilinear", W_s [D, D] learned, init I/√D)
+         | softmax_j(cos(x_t, x_j) / τ)  (kernel="cosine")
+         over j in t's sequence (ctx.batch_shape [B, L]; a 2-D input is one sequence), j ≤ t if causal, j not padding
+    ŝ_t = Σ_j A_tj p_j;  S_t = TopK(ŝ_t, k);  weight = ŝ renormalised over S_t (k = 1: ŝ at S_t)
+Every row of A keeps its diagonal, so no row is empty and the -inf mask never meets an empty softmax.
+
+Options (keyword-only) and defaults: k=2, kernel="bilinear", tau=1.0, causal=True, aux_loss_coef=1e-2 (the Switch
+loss on ŝ; a routelab default, as for `topk`). Cost O(L²·D) per sequence.
+
+Our reconstruction: the kernels, W_s and its init, the renormalisation, the aux loss. The paper's entropy claim
+concerns another quantity than the per-token entropy of ŝ (a mixture's entropy is at least the mean of its parts).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from routelab.routing._util import (
+    check_bool,
+    check_int,
+    check_number,
+    flatten_choices,
+    real_mask,
+    sequence_shape,
+    top_indices,
+)
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
+from routelab.routing.losses import switch_balance_loss
+from routelab.routing.registry import register_router
+
+KERNELS = ("bilinear", "cosine")
+
+
+@register_router("similarity")
+class SimilarityRouter(Router):
+    """Softmax gate, then mixing of the routing distributions over a (causal) token-similarity graph."""
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_experts: int,
+        k: int = 2,
+        kernel: str = "bilinear",
+        tau: float = 1.0,
+        causal: bool = True,
+        aux_loss_coef: float = 1e-2,
+    ) -> None:
+        super().__init__(d_model=d_model, num_experts=num_experts)
+        check_int("k", k, 1, num_experts)
+        check_choice("kernel", kernel, KERNELS)
+        check_number("tau", tau, low=0, open_low=True)
+        check_bool("causal", causal)
+        check_number("aux_loss_coef", aux_loss_coef, low=0)
+        self.k, self.kernel, self.tau, self.causal = k, kernel, float(tau), causal
+        self.aux_loss_coef = float(aux_loss_coef)
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.similarity = None
+        if kernel == "bilinear":
+            self.similarity = nn.Parameter(torch.eye(d_model) * d_model**-0.5)
+
+    def mixing(self, x_BLD: Tensor, real_BL: Tensor) -> Tensor:
+        """A [B, L, L]: row t is t's distribution over the tokens it mixes with."""
+        L = x_BLD.shape[1]
+        if self.kernel == "bilinear":
+            sim_BLL = (x_BLD @ self.similarity.to(x_BLD.dtype)) @ x_BLD.transpose(1, 2)
+        else:
+            unit_BLD = F.normalize(x_BLD, dim=-1)
+            sim_BLL = unit_BLD @ unit_BLD.transpose(1, 2)
+        allowed_BLL = real_BL[:, None, :].expand(-1, L, -1)
+        if self.causal:
+            allowed_BLL = allowed_BLL & torch.ones(L, L, dtype=torch.bool, device=x_BLD.device).tril()
+        allowed_BLL = allowed_BLL | torch.eye(L, dtype=torch.bool, device=x_BLD.device)
+        return (sim_BLL / self.tau).masked_fill(~allowed_BLL, float("-inf")).softmax(-1)
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
+        T, E, k = x_TD.shape[0], self.num_experts, self.k
+        dtype = router_dtype(x_TD)
+        x_TD = x_TD.to(dtype)
+        logits_TE = F.linear(x_TD, self.gate.weight.to(dtype))
+        probs_TE = logits_TE.softmax(-1)
+        real_T = real_mask(ctx, T, x_TD.device)
+        B, L = sequence_shape(ctx, T)
+        mix_BLL = self.mixing(x_TD.view(B, L, self.d_model), real_T.view(B, L))
+        mixed_TE = (mix_BLL @ probs_TE.view(B, L, E)).reshape(T, E)
+
+        expert_TK = top_indices(mixed_TE.detach(), k)
+        weight_TK = mixed_TE.gather(1, expert_TK)
+        if k > 1:
+            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+        token_S, expert_S, weight_S = flatten_choices(expert_TK, weight_TK, real_T[:, None].expand(T, k))
+        aux_losses: dict[str, Tensor] = {}
+        if self.aux_loss_coef > 0:
+            load_E = torch.bincount(expert_S, minlength=E)
+            aux_losses["aux"] = self.aux_loss_coef * switch_balance_loss(mixed_TE[real_T], load_E)
+        return RoutingDecision(
+            token_index=token_S,
+            expert_index=expert_S,
+            weight=weight_S,
+            num_tokens=T,
+            num_experts=E,
+            aux_losses=aux_losses,
+            router_logits=logits_TE,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}, kernel={self.kernel}, tau={self.tau}"
