@@ -155,3 +155,15 @@ def test_group_limited_selection_touches_at_most_topk_group_groups():
     groups[d.token_index, d.expert_index // 4] = True
     assert groups.sum(-1).max() <= 2
     assert torch.all(d.experts_per_token() == 4)
+
+
+def test_half_precision_model_keeps_router_state_in_full_precision():
+    router = routelab.create_router("topk", d_model=8, num_experts=4, k=1, balance="loss_free", bias_update_rate=1e-3)
+    layer = routelab.MoELayer(8, 16, router).to(torch.bfloat16)
+    assert router.gate.weight.dtype == torch.bfloat16
+    assert router.expert_bias.dtype == torch.float32 and router._pending_load.dtype == torch.float64
+    for _ in range(3):
+        layer(torch.randn(300, 8, dtype=torch.bfloat16))
+    assert int(router._pending_load.sum()) == 900  # exact counts, beyond bf16's 256 integer range
+    routelab.update_routers(layer)
+    assert set(router.expert_bias.abs().tolist()) <= {0.0, torch.tensor(1e-3).item()}

@@ -175,6 +175,17 @@ class Router(nn.Module):
         """
         return {}
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # model.to(torch.bfloat16) must not round routing state (biases, duals, centroids, load counts) to half
+        # precision: counts above 256 would stop adding up and bias steps of 1e-3 would vanish. Parameters follow
+        # the model's dtype; this router's own floating buffers keep at least their original precision.
+        before = {name: buf.dtype for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype in (torch.bfloat16, torch.float16) and before.get(name) != buf.dtype:
+                self._buffers[name] = buf.to(before[name])
+        return self
+
     @torch.no_grad()
     def apply_updates(self) -> None:
         """Apply the statistics accumulated by training forwards since the last call; stateless routers do nothing."""
