@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--config", metavar="YAML", help="a YAML file merged over the preset")
     compare.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.add_argument("--threads", type=int, default=1,
+                         help="torch threads (default: %(default)s; these small models gain little from more threads, "
+                         "and lose much when the cores are shared with other work)")
 
     args = parser.parse_args(argv)
     if args.command == "routers":
@@ -73,12 +76,16 @@ def run_compare_command(args: argparse.Namespace) -> int:
         return 2
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    if args.threads < 1:
+        print(f"routelab compare: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
     out = args.out or f"runs/compare-{args.preset}"
     if not args.quiet:
         names = ", ".join(v["name"] for v in cfg["variants"])
         print(f"routelab compare: preset {args.preset}, {len(cfg['variants'])} variants ({names}) → {out}")
     try:
-        summary = run_compare(cfg, out_dir=out, resume=args.resume, quiet=args.quiet, notes=notes)
+        summary = run_compare(cfg, out_dir=out, resume=args.resume, quiet=args.quiet, notes=notes,
+                              threads=args.threads)
     except (ConfigError, DataError) as exc:
         print(f"routelab compare: error: {exc}", file=sys.stderr)
         return 2

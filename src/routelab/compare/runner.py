@@ -54,9 +54,26 @@ def run_compare(
     quiet: bool = False,
     notes: list[str] | None = None,
     cache: Path | None = None,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train every variant of the validated `cfg` and write the report folder; returns the results dict."""
+    """Train every variant of the validated `cfg` and write the report folder; returns the results dict.
+
+    `threads`: torch intra-op threads while it runs (restored afterwards); None keeps the current setting.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_compare(cfg, out_dir=out_dir, resume=resume, quiet=quiet, notes=notes, cache=cache, log=log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_compare(
+    cfg: dict[str, Any], *, out_dir: str | Path, resume: bool, quiet: bool, notes: list[str] | None,
+    cache: Path | None, log: Callable[[str], None],
+) -> dict[str, Any]:
     from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
 
     out = Path(out_dir)

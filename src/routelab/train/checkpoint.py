@@ -1,7 +1,9 @@
 """Checkpoints as safetensors + JSON, written atomically; nothing is unpickled.
 
 Layout in a run folder:
-    checkpoint-{step}.safetensors   model weights ("model.*"), optimizer moments ("optim.{i}.*"), RNG state ("rng.*")
+    checkpoint-{step}.safetensors   model weights ("model.*"; a tensor shared by several modules is stored once and
+                                    its other names listed as aliases in the JSON), optimizer moments ("optim.{i}.*"),
+                                    RNG state ("rng.*")
     checkpoint.json                 step, optimizer param groups, python RNG state, extra run state, and the name of
                                     the safetensors file; written last, so it always names a complete file.
 Each file is written to a temporary name in the same folder and renamed into place. Loading fails loudly on any
@@ -25,7 +27,16 @@ CHECKPOINT_JSON = "checkpoint.json"
 
 def save_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict[str, Any]) -> Path:
     folder = Path(folder)
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}  # state-dict key -> key holding the same tensor (parameters shared across layers)
+    seen: dict[tuple, str] = {}
+    for key, value in model.state_dict().items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()))
+        if value.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[f"model.{key}"] = value.detach().clone().contiguous()
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for name, value in state.items():
@@ -38,6 +49,7 @@ def save_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
         "step": step,
         "weights": name,
         "param_groups": opt["param_groups"],
+        "aliases": aliases,
         "python_rng": _jsonable(random.getstate()),
         "extra": extra,
     }
@@ -57,7 +69,9 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     folder = Path(folder)
     meta = json.loads((folder / CHECKPOINT_JSON).read_text())
     tensors = load_file(str(folder / meta["weights"]))
-    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model_sd: dict[str, torch.Tensor] = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    for key, source in meta.get("aliases", {}).items():
+        model_sd[key] = model_sd[source]
     missing = sorted(set(model.state_dict()) - set(model_sd))
     unexpected = sorted(set(model_sd) - set(model.state_dict()))
     if missing or unexpected:
