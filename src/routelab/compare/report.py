@@ -117,7 +117,7 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
         PLOTS["val_loss"]: "Validation loss during training",
         PLOTS["expert_load"]: "Expert load per MoE layer (load ÷ mean load; 1 = balanced)",
         PLOTS["experts_per_token"]: "Experts per token (all MoE layers, validation set)",
-        PLOTS["domain_load"]: "Share of each domain's assignments per expert (all MoE layers)",
+        PLOTS["domain_load"]: "Share of each domain's assignments per expert, per MoE layer",
     }
     for name in plots:
         lines += ["", f"## {captions.get(name, name)}", "", f"![{captions.get(name, name)}]({name})"]
@@ -133,24 +133,39 @@ def _f(value: float, digits: int) -> str:
 
 
 def _colors(n: int) -> list:
-    cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
-    return [cmap(i % cmap.N) for i in range(n)]
+    """Distinct colours: the ten strong tab20 colours first, then their light partners."""
+    cmap = plt.get_cmap("tab20")
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return [cmap(order[i % 20]) for i in range(n)]
 
 
 def plot_val_loss(variants: list[dict[str, Any]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(9, 5.5), constrained_layout=True)
+    """Two panels: the whole run, and the second half zoomed in (where the variants separate)."""
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5.5), constrained_layout=True)
     markers = "os^Dv<>pP*Xh"
+    last_step = max(r["step"] for v in variants for r in v["val_curve"])
+    zoom_values = []
     for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
         steps = [r["step"] for r in v["val_curve"]]
         losses = [r["val_loss"] for r in v["val_curve"]]
-        style = "-" if v["causal_eval"] else "--"
-        label = v["name"] + ("" if v["causal_eval"] else " (non-causal)")
-        ax.plot(steps, losses, style, color=color, marker=markers[i % len(markers)], markersize=4, label=label)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Validation loss (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+        style = "-" if v["causal_eval"] else ":"
+        label = v["name"] + ("" if v["causal_eval"] else " (non-causal: not comparable)")
+        for ax in (full, zoom):
+            ax.plot(steps, losses, style, color=color, marker=markers[i % len(markers)], markersize=4,
+                    label=label if ax is full else None)
+        zoom_values += [loss for step, loss in zip(steps, losses) if step >= last_step / 2]
+    full.set_title("Validation loss (lower is better)")
+    zoom.set_title("Second half of training, zoomed in")
+    if zoom_values:
+        lo, hi = min(zoom_values), max(zoom_values)
+        pad = max(1e-3, 0.05 * (hi - lo))
+        zoom.set_xlim(last_step / 2 - 0.02 * last_step, last_step * 1.02)
+        zoom.set_ylim(lo - pad, hi + pad)
+    for ax in (full, zoom):
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=9, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -208,30 +223,37 @@ def plot_experts_per_token(variants: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_domain_load(variants: list[dict[str, Any]], path: Path) -> Path:
+    """Per variant: rows (MoE layer, domain), columns experts; each row is the share of that domain's assignments
+    in that layer going to each expert (experts of different layers are different experts, so layers stay apart)."""
     n = len(variants)
     cols = min(4, n)
     rows = math.ceil(n / cols)
     domains = list(variants[0]["load_by_domain"])
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, (0.45 * len(domains) + 1.6) * rows),
-                             squeeze=False, constrained_layout=True)
-    image = None
     shares = []
     for v in variants:
-        m = np.asarray([np.asarray(v["load_by_domain"][d], dtype=float).sum(axis=0) for d in domains])  # [domains, E]
+        per_domain = np.asarray([v["load_by_domain"][d] for d in domains], dtype=float)  # [domains, layers, E]
+        m = per_domain.transpose(1, 0, 2).reshape(-1, per_domain.shape[-1])  # [(layer, domain), E]
         total = m.sum(axis=1, keepdims=True)
         shares.append(np.divide(m, total, out=np.zeros_like(m), where=total > 0))
+    n_rows = shares[0].shape[0]
+    labels = [f"L{layer} {d}" for layer in range(n_rows // len(domains)) for d in domains]
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, (0.28 * n_rows + 1.4) * rows),
+                             squeeze=False, constrained_layout=True)
     vmax = max(float(s.max()) for s in shares)
+    image = None
     for ax, v, s in zip(axes.flat, variants, shares):
         image = ax.imshow(s, cmap="magma", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
         ax.set_title(v["name"], fontsize=10)
         ax.set_xticks(range(s.shape[1]))
-        ax.set_yticks(range(len(domains)), labels=domains)
+        ax.set_yticks(range(n_rows), labels=labels)
+        for boundary in range(len(domains), n_rows, len(domains)):
+            ax.axhline(boundary - 0.5, color="white", linewidth=1.5)
         ax.set_xlabel("expert", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="share of the domain's assignments")
-    fig.suptitle("Which experts each domain uses (all MoE layers, validation set)")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="share of the domain's assignments in that layer")
+    fig.suptitle("Which experts each domain uses, per MoE layer (validation set)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
