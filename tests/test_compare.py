@@ -57,6 +57,9 @@ def test_smoke_preset_writes_every_variant_and_the_plots(tmp_path, capsys):
     assert main(["compare", "--preset", "smoke", "--steps", "4", "--out", str(out), "--quiet", "--resume"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert [v["val_loss"] for v in again["variants"]] == [v["val_loss"] for v in results["variants"]]
+    capsys.readouterr()
+    assert main(["compare", "--preset", "smoke", "--steps", "5", "--out", str(out), "--quiet", "--resume"]) == 2
+    assert "different configuration" in capsys.readouterr().err
 
 
 def test_routers_flag_and_data_files(tmp_path, capsys):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from routelab.compare.config import model_config
+from routelab.compare.config import ConfigError, model_config
 from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
 from routelab.data.dataset import TokenData, tokenize_domains
 from routelab.data.tokenizer import atomic_write_text
@@ -87,6 +87,11 @@ def _run_compare(
         how = "read from cache" if data.tokenizer_cached else "trained"
         log(f"data: {', '.join(f'{d.name} ({d.train.numel():,} train / {d.val.numel():,} val tokens)' for d in data.domains)}; "
             f"tokenizer {how} ({data.vocab_size} tokens, {setup_seconds:.1f} s)")
+    if resume and (out / "config.yaml").is_file():
+        previous = yaml.safe_load((out / "config.yaml").read_text())
+        if previous != yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)):
+            raise ConfigError(f"--resume: {out} holds a comparison with a different configuration "
+                              f"(see {out / 'config.yaml'}); use another --out or the same options")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
