@@ -101,6 +101,8 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
         "perfectly balanced) and the coefficient of variation of the loads, averaged over batches and layers.",
         "- **dropped**: fraction of selected assignments dropped for capacity. **train tok/s** excludes evaluation; "
         "**wall** includes it. Timings depend on the machine and its load; compare them within one report only.",
+        "- One seed per variant: small differences in perplexity (a few percent at this scale) can be seed noise; "
+        "rerun with another `train.seed` before drawing conclusions. Router compute is not in the FLOPs column.",
     ]
     if len(summary["data"]["domains"]) > 1 and ok:
         names = [d["name"] for d in summary["data"]["domains"]]
