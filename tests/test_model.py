@@ -84,7 +84,8 @@ def test_moe_every_places_moe_layers_and_dense_elsewhere():
 
 
 def test_k_schedule_sets_router_k_per_layer():
-    cfg = ModelConfig(**{**TINY, "n_layers": 4}, router_options={"k": 2}, k_schedule={"shape": "descending", "k_max": 3})
+    schedule = {"shape": "descending", "k_max": 3}
+    cfg = ModelConfig(**{**TINY, "n_layers": 4}, router_options={"k": 2}, k_schedule=schedule)
     model = MoETransformerLM(cfg)
     assert [layer.router.k for layer in model.moe_layers] == [3, 2, 2, 1]
     with pytest.raises(ValueError, match="k_schedule has no field"):

@@ -27,7 +27,8 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    prose = "".join(f"The {w} sat on the mat number {i}, and then it slept.\n" for i, w in enumerate(["cat", "dog", "bird"] * 120))
+    words = ["cat", "dog", "bird"] * 120
+    prose = "".join(f"The {w} sat on the mat number {i}, and then it slept.\n" for i, w in enumerate(words))
     code = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300))
     return tokenize_domains([Domain("prose", prose, "t"), Domain("code", code, "t")], vocab_size=320,
                             cache=tmp_path_factory.mktemp("cache"))
@@ -83,7 +84,8 @@ def test_checkpoint_files_are_complete_and_strict(tiny_data, tmp_path):
     model(*tiny_data.batch(0, batch_size=2, seq_len=16, seed=0))[1].backward()
     optimizer.step()
     save_checkpoint(tmp_path, model=model, optimizer=optimizer, step=1, extra={"train_seconds": 0.0})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1.safetensors", "checkpoint.json"]  # no temp files
+    # no temporary files are left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1.safetensors", "checkpoint.json"]
     other = MoETransformerLM(tiny_model(tiny_data))
     load_checkpoint(tmp_path, model=other, optimizer=make_optimizer(other, TINY_TRAIN))
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files, each one domain "
                          "(default: the built-in corpus from the Python standard library)")
     compare.add_argument("--steps", type=int, help="training steps per variant (overrides the preset)")
+    compare.add_argument("--seed", type=int, help="seed of every variant (overrides the preset; rerun with another "
+                         "seed to see how much of a difference is noise)")
     compare.add_argument("--out", help="report folder (default: runs/compare-<preset>)")
     compare.add_argument("--config", metavar="YAML", help="a YAML file merged over the preset")
     compare.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
@@ -66,7 +68,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
     routers = [name.strip() for name in routers]
     try:
         cfg, notes = resolve(preset=args.preset, config_file=args.config, routers=routers or None,
-                             data_files=args.data, steps=args.steps)
+                             data_files=args.data, steps=args.steps, seed=args.seed)
         if cfg["data"].get("source") == "files":
             from routelab.data.corpus import file_corpus
 

@@ -24,7 +24,8 @@ PRESETS = ("smoke", "default")
 TOP_FIELDS = {"description", "data", "model", "train", "reference_k", "variants"}
 DATA_FIELDS = {"source", "files", "max_chars", "vocab_size", "val_fraction"}
 # Model fields that every variant shares; router, router_options, k_schedule and vocab_size are set per variant/data.
-MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"router", "router_options", "k_schedule", "vocab_size"}
+PER_VARIANT = {"router", "router_options", "k_schedule", "vocab_size"}
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - PER_VARIANT
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 VARIANT_FIELDS = {"name", "router", "options", "k_schedule"}
 
@@ -51,7 +52,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping (data:, model:, train:, variants:), got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping (data:, model:, train:, variants:), got {type(data).__name__}"
+        )
     return data
 
 
@@ -73,6 +76,7 @@ def resolve(
     routers: list[str] | None = None,
     data_files: list[str] | None = None,
     steps: int | None = None,
+    seed: int | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The validated configuration and the notes to print (e.g. preset entries skipped as unregistered)."""
     cfg = load_preset(preset)
@@ -88,6 +92,11 @@ def resolve(
         cfg["train"]["steps"] = steps
         cfg["train"]["warmup"] = min(cfg["train"].get("warmup", 0), max(0, steps // 10))
         cfg["train"]["eval_every"] = min(cfg["train"].get("eval_every", steps), steps)
+    if seed is not None:
+        if not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"--seed must be an integer >= 0, got {seed!r}")
+        cfg.setdefault("train", {})
+        cfg["train"]["seed"] = seed
     notes = validate(cfg)
     notes += select_variants(cfg, routers)
     return cfg, notes
@@ -122,7 +131,9 @@ def validate(cfg: dict[str, Any]) -> list[str]:
     model_base = dict(cfg["model"])
     model_base.setdefault("max_seq_len", train_cfg.seq_len)
     if model_base["max_seq_len"] < train_cfg.seq_len:
-        raise ConfigError(f"model.max_seq_len={model_base['max_seq_len']} is shorter than train.seq_len={train_cfg.seq_len}")
+        raise ConfigError(
+            f"model.max_seq_len={model_base['max_seq_len']} is shorter than train.seq_len={train_cfg.seq_len}"
+        )
     cfg["model"] = model_base
 
     variants = cfg.get("variants")
@@ -136,7 +147,9 @@ def validate(cfg: dict[str, Any]) -> list[str]:
             raise ConfigError(f"{where}: must be a mapping with fields {', '.join(sorted(VARIANT_FIELDS))}")
         _fields(where, v, VARIANT_FIELDS)
         if not isinstance(v.get("router"), str):
-            raise ConfigError(f"{where}.router: a registered router name is required; valid names: {', '.join(sorted(registered))}")
+            raise ConfigError(
+                f"{where}.router: a registered router name is required; valid names: {', '.join(sorted(registered))}"
+            )
         v.setdefault("name", v["router"])
         v.setdefault("options", {})
         v.setdefault("k_schedule", None)
@@ -148,7 +161,9 @@ def validate(cfg: dict[str, Any]) -> list[str]:
         if not isinstance(v["options"], dict):
             raise ConfigError(f"{where}.options must be a mapping of router options, got {v['options']!r}")
         if v["router"] not in registered:
-            notes.append(f"skipping variant {v['name']!r}: router {v['router']!r} is not registered in this installation")
+            notes.append(
+                f"skipping variant {v['name']!r}: router {v['router']!r} is not registered in this installation"
+            )
             continue
         check_variant(cfg, v, where)
         kept.append(v)
@@ -166,7 +181,9 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
         mc = model_config(cfg, v, vocab_size=cfg["data"].get("vocab_size", 4096))
         mc.validate()
         per_layer = mc.per_layer_router_options()
-        shared = router_class(mc.router).shared_modules(d_model=mc.d_model, num_experts=mc.num_experts, **mc.router_options)
+        shared = router_class(mc.router).shared_modules(
+            d_model=mc.d_model, num_experts=mc.num_experts, **mc.router_options
+        )
         for opts in per_layer:
             create_router(mc.router, d_model=mc.d_model, num_experts=mc.num_experts, **opts, **shared)
     except (TypeError, ValueError) as exc:

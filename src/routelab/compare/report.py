@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from routelab.data.tokenizer import atomic_write_text  # noqa: E402
+from routelab._atomic import atomic_write_text  # noqa: E402
 
 PLOTS = {
     "val_loss": "val_loss.png",
@@ -79,12 +79,13 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     ]
     for v in variants:
         if "error" in v:
-            lines.append(f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | – | failed | – | – | – | – | – | – "
-                         f"| – | {v['wall_seconds']:.1f} |")
+            lines.append(f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | – | failed "
+                         f"| – | – | – | – | – | – | – | {v['wall_seconds']:.1f} |")
             continue
         lines.append(
-            f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | {causal_label(v)} | {_f(v['val_perplexity'], 2)} "
-            f"| {_f(v['val_loss'], 4)} | {_f(v['mean_experts_per_token'], 2)} | {_f(v['active_expert_flops_vs_topk'], 2)}× "
+            f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | {causal_label(v)} "
+            f"| {_f(v['val_perplexity'], 2)} | {_f(v['val_loss'], 4)} | {_f(v['mean_experts_per_token'], 2)} "
+            f"| {_f(v['active_expert_flops_vs_topk'], 2)}× "
             f"| {_f(v['imbalance_max_over_mean'], 2)} | {_f(v['imbalance_cv'], 3)} | {v['dropped_fraction']:.1%} "
             f"| {v['train_tokens_per_second']:,.0f} | {v['wall_seconds']:.1f} |"
         )

@@ -23,7 +23,7 @@ import yaml
 from routelab.compare.config import ConfigError, model_config
 from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
 from routelab.data.dataset import TokenData, tokenize_domains
-from routelab.data.tokenizer import atomic_write_text
+from routelab._atomic import atomic_write_text
 from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
 from routelab.models.transformer import MoETransformerLM
 
@@ -43,7 +43,9 @@ def load_data(cfg: dict[str, Any], *, cache: Path | None = None) -> TokenData:
     for d in domains:
         if not d.text.strip():
             raise DataError(f"domain {d.name!r} ({d.source}) is empty")
-    return tokenize_domains(domains, vocab_size=data.get("vocab_size", 4096), val_fraction=data.get("val_fraction", 0.1), cache=cache)
+    return tokenize_domains(
+        domains, vocab_size=data.get("vocab_size", 4096), val_fraction=data.get("val_fraction", 0.1), cache=cache
+    )
 
 
 def run_compare(
@@ -85,7 +87,8 @@ def _run_compare(
     setup_seconds = time.perf_counter() - t0
     if not quiet:
         how = "read from cache" if data.tokenizer_cached else "trained"
-        log(f"data: {', '.join(f'{d.name} ({d.train.numel():,} train / {d.val.numel():,} val tokens)' for d in data.domains)}; "
+        sizes = ", ".join(f"{d.name} ({d.train.numel():,} train / {d.val.numel():,} val tokens)" for d in data.domains)
+        log(f"data: {sizes}; "
             f"tokenizer {how} ({data.vocab_size} tokens, {setup_seconds:.1f} s)")
     if resume and (out / "config.yaml").is_file():
         previous = yaml.safe_load((out / "config.yaml").read_text())
@@ -124,8 +127,10 @@ def _run_compare(
         "config": cfg,
         "notes": list(notes or []),
         "data": {
-            "domains": [{"name": d.name, "source": d.source, "train_tokens": d.train.numel(), "val_tokens": d.val.numel()}
-                        for d in data.domains],
+            "domains": [
+                {"name": d.name, "source": d.source, "train_tokens": d.train.numel(), "val_tokens": d.val.numel()}
+                for d in data.domains
+            ],
             "vocab_size": data.vocab_size,
             "tokenizer_key": data.tokenizer_key,
         },
@@ -191,7 +196,8 @@ def run_variant(
         "experts_per_token_histogram": final["experts_per_token_histogram"],
         "train_curve": [{k: r[k] for k in ("step", "loss", "lm_loss", "aux_loss", "lr", "seconds") if k in r}
                         for r in run.train_curve],
-        "val_curve": [{"step": r["step"], "val_loss": r["val_loss"], "by_domain": r["by_domain"]} for r in run.val_curve],
+        "val_curve": [{"step": r["step"], "val_loss": r["val_loss"], "by_domain": r["by_domain"]}
+                      for r in run.val_curve],
     }
 
 
@@ -203,7 +209,9 @@ def warm_up(cfg: dict[str, Any], data: TokenData, train_cfg: TrainConfig, steps:
         model = MoETransformerLM(model_config(cfg, cfg["variants"][0], vocab_size=data.vocab_size))
         optimizer = make_optimizer(model, train_cfg)
         for step in range(steps):
-            inputs, targets = data.batch(step, batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed)
+            inputs, targets = data.batch(
+                step, batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed
+            )
             model(inputs, targets, step=step)[1].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

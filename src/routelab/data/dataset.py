@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from routelab.data.corpus import DataError, Domain
-from routelab.data.tokenizer import atomic_write_bytes, cache_dir, encode, load_or_train_tokenizer
+from routelab._atomic import atomic_write_bytes
+from routelab.data.tokenizer import cache_dir, encode, load_or_train_tokenizer
 
 
 @dataclass
@@ -101,7 +102,8 @@ def tokenize_domains(
     tok, key, cached = load_or_train_tokenizer([train for train, _ in parts], vocab_size=vocab_size, cache=cache)
     out = []
     for d, (train, val) in zip(domains, parts):
-        out.append(DomainTokens(d.name, d.source, _encode_cached(tok, key, train, cache), _encode_cached(tok, key, val, cache)))
+        train_ids, val_ids = _encode_cached(tok, key, train, cache), _encode_cached(tok, key, val, cache)
+        out.append(DomainTokens(d.name, d.source, train_ids, val_ids))
     return TokenData(out, tok, tok.get_vocab_size(), key, cached)
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from routelab._atomic import atomic_write_text
 
 TOKENIZER_FORMAT = 1  # bump when the training recipe changes, so old caches are not reused
 SPECIAL_TOKENS = ["<|endoftext|>"]
@@ -46,7 +47,8 @@ def corpus_hash(texts: Iterable[str], *, vocab_size: int) -> str:
 def train_tokenizer(texts: list[str], *, vocab_size: int = 4096) -> Tokenizer:
     """Train a byte-level BPE tokenizer on `texts` (deterministic for a given input)."""
     if not isinstance(vocab_size, int) or vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be an integer >= {256 + len(SPECIAL_TOKENS)} (the byte alphabet), got {vocab_size!r}")
+        minimum = 256 + len(SPECIAL_TOKENS)
+        raise ValueError(f"vocab_size must be an integer >= {minimum} (the byte alphabet), got {vocab_size!r}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -96,20 +98,3 @@ def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterable[str]:
                 end = cut + 1 if cut > start else end
             yield text[start:end]
             start = end
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over `path` (readers never see a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

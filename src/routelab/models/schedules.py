@@ -23,7 +23,9 @@ import math
 SHAPES = ("uniform", "descending", "ascending", "pyramid", "wave")
 
 
-def k_schedule(shape: str, num_layers: int, *, k_max: int, k: int | None = None, match_budget: bool = True) -> list[int]:
+def k_schedule(
+    shape: str, num_layers: int, *, k_max: int, k: int | None = None, match_budget: bool = True
+) -> list[int]:
     """Per-layer k for `num_layers` MoE layers; `k` is the uniform budget matched when `match_budget`."""
     if shape not in SHAPES:
         raise ValueError(f"k_schedule shape must be one of {', '.join(map(repr, SHAPES))}; got {shape!r}")

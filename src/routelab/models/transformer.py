@@ -77,7 +77,9 @@ class ModelConfig:
         valid = router_options(self.router)
         key = "k" if "k" in valid else "max_k" if "max_k" in valid else None
         if key is None:
-            raise ValueError(f"router {self.router!r} has neither a 'k' nor a 'max_k' option, so a k_schedule cannot apply")
+            raise ValueError(
+                f"router {self.router!r} has neither a 'k' nor a 'max_k' option, so a k_schedule cannot apply"
+            )
         budget = self.router_options.get("k", valid.get("k")) if key == "k" else self.router_options.get("k", 2)
         if not isinstance(budget, int):
             budget = 2
@@ -220,7 +222,9 @@ class MoETransformerLM(nn.Module):
                         nn.init.normal_(bank.w_gate_up, std=0.02)
                         nn.init.normal_(bank.w_down, std=residual_std)
 
-    def forward(self, ids: Tensor, targets: Tensor | None = None, *, step: int | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, ids: Tensor, targets: Tensor | None = None, *, step: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         B, L = ids.shape
         if L > self.config.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.config.max_seq_len}")

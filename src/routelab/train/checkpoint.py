@@ -20,12 +20,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from routelab.data.tokenizer import atomic_write_bytes, atomic_write_text
+from routelab._atomic import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT_JSON = "checkpoint.json"
 
 
-def save_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict[str, Any]) -> Path:
+def save_checkpoint(
+    folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict[str, Any]
+) -> Path:
+    """Write model, optimizer and RNG states for `step` into `folder`; returns the safetensors file."""
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # state-dict key -> key holding the same tensor (parameters shared across layers)

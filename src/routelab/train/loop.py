@@ -157,7 +157,8 @@ def train(
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             ev = evaluate(model, val_sets, batch_size=cfg.eval_batch_size, step=done)
-            val_record = {"kind": "eval", "step": done, "val_loss": ev["val_loss"], "by_domain": ev["val_loss_by_domain"]}
+            val_record = {"kind": "eval", "step": done, "val_loss": ev["val_loss"],
+                          "by_domain": ev["val_loss_by_domain"]}
             val_curve.append(val_record)
             _append(metrics_path, val_record)
         if bar is not None:
@@ -211,7 +212,8 @@ def evaluate(
         for i in range(0, inputs.shape[0], batch_size):
             x, y = inputs[i : i + batch_size], targets[i : i + batch_size]
             logits, _ = model(x, step=step)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
+            logits_NV = logits.reshape(-1, logits.shape[-1]).float()
+            loss = torch.nn.functional.cross_entropy(logits_NV, y.reshape(-1), reduction="sum")
             dom_loss += loss.item()
             dom_tokens += y.numel()
             if stats:
