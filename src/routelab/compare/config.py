@@ -98,6 +98,8 @@ def resolve(
         cfg.setdefault("train", {})
         cfg["train"]["seed"] = seed
     notes = validate(cfg)
+    if routers:  # only the variants asked for matter; an unregistered one among them is an error, raised below
+        notes = []
     notes += select_variants(cfg, routers)
     return cfg, notes
 
