@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone: creates (or reuses) .venv, installs routelab with torch pinned to the CPU
 # build 2.13.0, then runs a command in it.
+#   ./dev.sh compare [ARGS]   the main job: train the same small MoE LM once per router, report side by side
 #   ./dev.sh demo [ARGS]      train one MoE layer on random data and print its routing statistics
 #   ./dev.sh test [ARGS]      the test suite (pytest)
 #   ./dev.sh routelab ARGS    any routelab command
@@ -26,9 +27,10 @@ fi
 command="${1:-}"
 shift || true
 case "$command" in
+  compare) exec "$venv/bin/routelab" compare "$@" ;;
   demo) exec "$venv/bin/routelab" demo "$@" ;;
   test) exec "$venv/bin/python" -m pytest "$@" ;;
   routelab) exec "$venv/bin/routelab" "$@" ;;
   python) exec "$venv/bin/python" "$@" ;;
-  *) echo "usage: ./dev.sh {demo|test|routelab|python} [ARGS]" >&2; exit 2 ;;
+  *) echo "usage: ./dev.sh {compare|demo|test|routelab|python} [ARGS]" >&2; exit 2 ;;
 esac

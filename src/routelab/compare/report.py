@@ -1,0 +1,262 @@
+"""The report folder: report.md (the side-by-side table), PNG plots, results.json and config.yaml beside it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from routelab._atomic import atomic_write_text  # noqa: E402
+
+PLOTS = {
+    "val_loss": "val_loss.png",
+    "expert_load": "expert_load.png",
+    "experts_per_token": "experts_per_token.png",
+    "domain_load": "domain_load.png",
+}
+
+
+def write_report(summary: dict[str, Any], out: Path) -> list[Path]:
+    """Write the plots and report.md into `out`; returns the files written."""
+    ok = [v for v in summary["variants"] if "error" not in v]
+    written = []
+    if ok:
+        written.append(plot_val_loss(ok, out / PLOTS["val_loss"]))
+        written.append(plot_expert_load(ok, out / PLOTS["expert_load"]))
+        written.append(plot_experts_per_token(ok, out / PLOTS["experts_per_token"]))
+        if len(summary["data"]["domains"]) > 1:
+            written.append(plot_domain_load(ok, out / PLOTS["domain_load"]))
+    atomic_write_text(out / "report.md", render_markdown(summary, [p.name for p in written]))
+    return written + [out / "report.md"]
+
+
+def causal_label(v: dict[str, Any]) -> str:
+    if v["causal_eval"] and v["causal_train"]:
+        return "yes"
+    if v["causal_eval"]:
+        return "eval only"
+    return "**no** ⚠"
+
+
+def describe_options(v: dict[str, Any]) -> str:
+    parts = [f"{k}={val}" for k, val in (v.get("options") or {}).items()]
+    if v.get("k_schedule"):
+        s = v["k_schedule"]
+        ks = [o.get("k", o.get("max_k")) for o in v.get("per_layer_options", [])]
+        parts.append(f"k_schedule={s.get('shape')} (k per layer {ks})")
+    return ", ".join(parts) or "defaults"
+
+
+def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
+    cfg = summary["config"]
+    m, t = cfg["model"], cfg["train"]
+    variants = summary["variants"]
+    ok = [v for v in variants if "error" not in v]
+    tokens = t["steps"] * t["batch_size"] * t["seq_len"]
+    lines = [
+        "# routelab compare",
+        "",
+        f"{cfg.get('description', '')}".strip(),
+        "",
+        f"Every variant trains the same decoder-only MoE LM (d_model {m['d_model']}, {m['n_layers']} layers, "
+        f"{m['n_heads']} heads, {m['num_experts']} experts of width {m['d_ff']}, MoE every {m['moe_every']} layer(s), "
+        f"{m['shared_experts']} shared experts, vocabulary {summary['data']['vocab_size']}) with seed {t['seed']}, the "
+        f"same batches in the same order: {t['steps']} steps × {t['batch_size']} × {t['seq_len']} = {tokens:,} "
+        f"training tokens, AdamW lr {t['lr']} (warm-up {t['warmup']}, cosine).",
+        "",
+        "Data: " + "; ".join(f"**{d['name']}** — {d['train_tokens']:,} train / {d['val_tokens']:,} validation tokens "
+                             f"({d['source']})" for d in summary["data"]["domains"]) + ".",
+        "",
+        "| variant | router (options) | causal | val ppl | val loss | experts/token | expert FLOPs vs top-k "
+        "| imbalance max/mean | imbalance CV | dropped | train tok/s | wall (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in variants:
+        if "error" in v:
+            lines.append(f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | – | failed "
+                         f"| – | – | – | – | – | – | – | {v['wall_seconds']:.1f} |")
+            continue
+        lines.append(
+            f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | {causal_label(v)} "
+            f"| {_f(v['val_perplexity'], 2)} | {_f(v['val_loss'], 4)} | {_f(v['mean_experts_per_token'], 2)} "
+            f"| {_f(v['active_expert_flops_vs_topk'], 2)}× "
+            f"| {_f(v['imbalance_max_over_mean'], 2)} | {_f(v['imbalance_cv'], 3)} | {v['dropped_fraction']:.1%} "
+            f"| {v['train_tokens_per_second']:,.0f} | {v['wall_seconds']:.1f} |"
+        )
+    lines += [
+        "",
+        "How to read it:",
+        "- **causal**: does a token's routing depend only on itself and earlier tokens? A non-causal router (⚠) sees "
+        "later tokens of its batch when routing, so its perplexity in an autoregressive model is **not comparable** "
+        "with the others (it can leak the future). \"eval only\": causal when evaluating, batch-coupled in training.",
+        f"- **experts/token**: mean routed experts per token per MoE layer on the validation set; **expert FLOPs vs "
+        f"top-k**: active routed-expert FLOPs per token relative to top-{cfg.get('reference_k', 2)} (all experts have "
+        "the same width, so this is experts/token ÷ k).",
+        "- **imbalance**: per MoE layer and validation batch, the busiest expert's load over the mean load (1.0 = "
+        "perfectly balanced) and the coefficient of variation of the loads, averaged over batches and layers.",
+        "- **dropped**: fraction of selected assignments dropped for capacity. **train tok/s** excludes evaluation; "
+        "**wall** includes it. Timings depend on the machine and its load; compare them within one report only.",
+        "- One seed per variant: small differences in perplexity (a few percent at this scale) can be seed noise; "
+        "rerun with another `train.seed` before drawing conclusions. Router compute is not in the FLOPs column.",
+    ]
+    if len(summary["data"]["domains"]) > 1 and ok:
+        names = [d["name"] for d in summary["data"]["domains"]]
+        lines += ["", "Validation loss per domain:", "",
+                  "| variant | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for v in ok:
+            lines.append(f"| {v['name']} | " + " | ".join(_f(v["val_loss_by_domain"][n], 4) for n in names) + " |")
+    failed = [v for v in variants if "error" in v]
+    if failed:
+        lines += ["", "Failed variants:", ""] + [f"- {v['name']}: `{v['error']}`" for v in failed]
+    if summary.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in summary["notes"]]
+    captions = {
+        PLOTS["val_loss"]: "Validation loss during training",
+        PLOTS["expert_load"]: "Expert load per MoE layer (load ÷ mean load; 1 = balanced)",
+        PLOTS["experts_per_token"]: "Experts per token (all MoE layers, validation set)",
+        PLOTS["domain_load"]: "Share of each domain's assignments per expert, per MoE layer",
+    }
+    for name in plots:
+        lines += ["", f"## {captions.get(name, name)}", "", f"![{captions.get(name, name)}]({name})"]
+    env = summary["environment"]
+    lines += ["", f"Python {env['python']}, torch {env['torch']}, {env['threads']} threads, {env['platform']}. "
+              f"Total wall time {summary['wall_seconds']:.0f} s (data and tokenizer {summary['setup_seconds']:.1f} s). "
+              "The exact configuration is in `config.yaml`; every number and curve in `results.json`.", ""]
+    return "\n".join(lines)
+
+
+def _f(value: float, digits: int) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _colors(n: int) -> list:
+    """Distinct colours: the ten strong tab20 colours first, then their light partners."""
+    cmap = plt.get_cmap("tab20")
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return [cmap(order[i % 20]) for i in range(n)]
+
+
+def plot_val_loss(variants: list[dict[str, Any]], path: Path) -> Path:
+    """Two panels: the whole run, and the second half zoomed in (where the variants separate)."""
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5.5), constrained_layout=True)
+    markers = "os^Dv<>pP*Xh"
+    last_step = max(r["step"] for v in variants for r in v["val_curve"])
+    zoom_values = []
+    for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
+        steps = [r["step"] for r in v["val_curve"]]
+        losses = [r["val_loss"] for r in v["val_curve"]]
+        style = "-" if v["causal_eval"] else ":"
+        label = v["name"] + ("" if v["causal_eval"] else " (non-causal: not comparable)")
+        for ax in (full, zoom):
+            ax.plot(steps, losses, style, color=color, marker=markers[i % len(markers)], markersize=4,
+                    label=label if ax is full else None)
+        zoom_values += [loss for step, loss in zip(steps, losses) if step >= last_step / 2]
+    full.set_title("Validation loss (lower is better)")
+    zoom.set_title("Second half of training, zoomed in")
+    if zoom_values:
+        lo, hi = min(zoom_values), max(zoom_values)
+        pad = max(1e-3, 0.05 * (hi - lo))
+        zoom.set_xlim(last_step / 2 - 0.02 * last_step, last_step * 1.02)
+        zoom.set_ylim(lo - pad, hi + pad)
+    for ax in (full, zoom):
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=9, frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(variants: list[dict[str, Any]], path: Path) -> Path:
+    n = len(variants)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    rel = []
+    for v in variants:
+        load = np.asarray(v["load"], dtype=float)  # [layers, E]
+        mean = load.mean(axis=1, keepdims=True)
+        rel.append(np.divide(load, mean, out=np.zeros_like(load), where=mean > 0))
+    vmax = max(2.0, max(float(r.max()) for r in rel))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 0.45 * rel[0].shape[0] * rows + 1.6 * rows),
+                             squeeze=False, constrained_layout=True)
+    image = None
+    for ax, v, r in zip(axes.flat, variants, rel):
+        image = ax.imshow(r, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_title(v["name"], fontsize=10)
+        ax.set_xticks(range(r.shape[1]))
+        ax.set_yticks(range(r.shape[0]))
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_ylabel("MoE layer", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="load ÷ mean load (1 = balanced)")
+    fig.suptitle("Expert load per MoE layer (validation set)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_experts_per_token(variants: list[dict[str, Any]], path: Path) -> Path:
+    counts = sorted({int(k) for v in variants for k in v["experts_per_token_histogram"]})
+    xs = list(range(min(counts), max(counts) + 1))
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(xs) + 3), 5), constrained_layout=True)
+    for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
+        hist = v["experts_per_token_histogram"]
+        total = sum(hist.values())
+        ys = [hist.get(str(x), 0) / total for x in xs]
+        ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], ys, width=width, color=color, label=v["name"])
+    ax.set_xticks(xs)
+    ax.set_xlabel("routed experts per token (per MoE layer)")
+    ax.set_ylabel("fraction of tokens")
+    ax.set_title("How many experts each token used")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_domain_load(variants: list[dict[str, Any]], path: Path) -> Path:
+    """Per variant: rows (MoE layer, domain), columns experts; each row is the share of that domain's assignments
+    in that layer going to each expert (experts of different layers are different experts, so layers stay apart)."""
+    n = len(variants)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    domains = list(variants[0]["load_by_domain"])
+    shares = []
+    for v in variants:
+        per_domain = np.asarray([v["load_by_domain"][d] for d in domains], dtype=float)  # [domains, layers, E]
+        m = per_domain.transpose(1, 0, 2).reshape(-1, per_domain.shape[-1])  # [(layer, domain), E]
+        total = m.sum(axis=1, keepdims=True)
+        shares.append(np.divide(m, total, out=np.zeros_like(m), where=total > 0))
+    n_rows = shares[0].shape[0]
+    labels = [f"L{layer} {d}" for layer in range(n_rows // len(domains)) for d in domains]
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, (0.28 * n_rows + 1.4) * rows),
+                             squeeze=False, constrained_layout=True)
+    vmax = max(float(s.max()) for s in shares)
+    image = None
+    for ax, v, s in zip(axes.flat, variants, shares):
+        image = ax.imshow(s, cmap="magma", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_title(v["name"], fontsize=10)
+        ax.set_xticks(range(s.shape[1]))
+        ax.set_yticks(range(n_rows), labels=labels)
+        for boundary in range(len(domains), n_rows, len(domains)):
+            ax.axhline(boundary - 0.5, color="white", linewidth=1.5)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="share of the domain's assignments in that layer")
+    fig.suptitle("Which experts each domain uses, per MoE layer (validation set)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

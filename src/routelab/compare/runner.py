@@ -1,0 +1,226 @@
+"""Run a comparison: the same model, data, seed, batch order and token budget for every router variant.
+
+Setup (data, tokenizer, validation of every variant) happens before anything trains; then each variant trains in
+its own folder (`variants/<name>/`: metrics.jsonl, checkpoint, result.json), and the report is written from the
+collected results. With `resume`, finished variants are read back and unfinished ones continue from their
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from routelab.compare.config import ConfigError, model_config
+from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
+from routelab.data.dataset import TokenData, tokenize_domains
+from routelab._atomic import atomic_write_text
+from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
+from routelab.models.transformer import MoETransformerLM
+
+RESULTS_FORMAT = 1
+
+
+def load_data(cfg: dict[str, Any], *, cache: Path | None = None) -> TokenData:
+    """The configuration's domains, tokenized (tokenizer trained or read from the cache)."""
+    data = cfg["data"]
+    max_chars = data.get("max_chars", 0) or 0
+    if data.get("source", "builtin") == "builtin":
+        domains = builtin_corpus(max_chars=max_chars or 10**12)
+    else:
+        domains = file_corpus(data["files"])
+        if max_chars:
+            domains = [Domain(d.name, d.text[:max_chars], d.source) for d in domains]
+    for d in domains:
+        if not d.text.strip():
+            raise DataError(f"domain {d.name!r} ({d.source}) is empty")
+    return tokenize_domains(
+        domains, vocab_size=data.get("vocab_size", 4096), val_fraction=data.get("val_fraction", 0.1), cache=cache
+    )
+
+
+def run_compare(
+    cfg: dict[str, Any],
+    *,
+    out_dir: str | Path,
+    resume: bool = False,
+    quiet: bool = False,
+    notes: list[str] | None = None,
+    cache: Path | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train every variant of the validated `cfg` and write the report folder; returns the results dict.
+
+    `threads`: torch intra-op threads while it runs (restored afterwards); None keeps the current setting.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_compare(cfg, out_dir=out_dir, resume=resume, quiet=quiet, notes=notes, cache=cache, log=log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_compare(
+    cfg: dict[str, Any], *, out_dir: str | Path, resume: bool, quiet: bool, notes: list[str] | None,
+    cache: Path | None, log: Callable[[str], None],
+) -> dict[str, Any]:
+    from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
+
+    out = Path(out_dir)
+    started = time.perf_counter()
+    t0 = time.perf_counter()
+    data = load_data(cfg, cache=cache)
+    train_cfg = TrainConfig(**cfg["train"])
+    data.check_windows(train_cfg.seq_len)
+    setup_seconds = time.perf_counter() - t0
+    if not quiet:
+        how = "read from cache" if data.tokenizer_cached else "trained"
+        sizes = ", ".join(f"{d.name} ({d.train.numel():,} train / {d.val.numel():,} val tokens)" for d in data.domains)
+        log(f"data: {sizes}; "
+            f"tokenizer {how} ({data.vocab_size} tokens, {setup_seconds:.1f} s)")
+    if resume and (out / "config.yaml").is_file():
+        previous = yaml.safe_load((out / "config.yaml").read_text())
+        if previous != yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)):
+            raise ConfigError(f"--resume: {out} holds a comparison with a different configuration "
+                              f"(see {out / 'config.yaml'}); use another --out or the same options")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+
+    warm_up(cfg, data, train_cfg)
+    results = []
+    n = len(cfg["variants"])
+    overall = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        overall = tqdm(total=n, desc="compare", unit="variant", position=0, dynamic_ncols=True)
+    for i, variant in enumerate(cfg["variants"]):
+        vdir = out / "variants" / variant["name"]
+        done_path = vdir / "result.json"
+        if resume and done_path.is_file():
+            result = json.loads(done_path.read_text())
+        else:
+            result = run_variant(cfg, variant, data, train_cfg, out_dir=vdir, resume=resume, quiet=quiet,
+                                 desc=f"[{i + 1}/{n}] {variant['name']}", bar_position=1)
+            atomic_write_text(done_path, json.dumps(result, indent=1))
+        results.append(result)
+        if overall is not None:
+            overall.update(1)
+            overall.set_postfix_str(f"{variant['name']}: val ppl {result.get('val_perplexity', float('nan')):.1f}")
+    if overall is not None:
+        overall.close()
+
+    summary = {
+        "format": RESULTS_FORMAT,
+        "config": cfg,
+        "notes": list(notes or []),
+        "data": {
+            "domains": [
+                {"name": d.name, "source": d.source, "train_tokens": d.train.numel(), "val_tokens": d.val.numel()}
+                for d in data.domains
+            ],
+            "vocab_size": data.vocab_size,
+            "tokenizer_key": data.tokenizer_key,
+        },
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+                        "threads": torch.get_num_threads()},
+        "setup_seconds": setup_seconds,
+        "variants": results,
+    }
+    summary["wall_seconds"] = time.perf_counter() - started
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+    write_report(summary, out)
+    summary["wall_seconds"] = time.perf_counter() - started
+    return summary
+
+
+def run_variant(
+    cfg: dict[str, Any], variant: dict[str, Any], data: TokenData, train_cfg: TrainConfig, *,
+    out_dir: Path, resume: bool, quiet: bool, desc: str, bar_position: int = 0,
+) -> dict[str, Any]:
+    """Train one variant; a failure is recorded (with its message) instead of stopping the comparison."""
+    mc = model_config(cfg, variant, vocab_size=data.vocab_size)
+    base = {"name": variant["name"], "router": variant["router"], "options": variant.get("options") or {},
+            "k_schedule": variant.get("k_schedule")}
+    t0 = time.perf_counter()
+    try:
+        run = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc=desc,
+                    bar_position=bar_position)
+    except Exception as exc:  # noqa: BLE001 — one broken router must not cost the others' results
+        return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    model, final = run.model, run.final
+    model.eval()
+    causal_eval = model.causal
+    model.train()
+    causal_train = model.causal
+    ept = final["experts_per_token_by_layer"]
+    mean_ept = sum(ept) / len(ept)
+    reference_k = cfg.get("reference_k", 2)
+    return {
+        **base,
+        "per_layer_options": model.per_layer_options,
+        "causal": bool(causal_eval and causal_train),
+        "causal_eval": bool(causal_eval),
+        "causal_train": bool(causal_train),
+        "params": sum(p.numel() for p in model.parameters()),
+        "val_loss": final["val_loss"],
+        "val_perplexity": math.exp(final["val_loss"]) if final["val_loss"] < 700 else float("inf"),
+        "val_loss_by_domain": final["val_loss_by_domain"],
+        "mean_experts_per_token": mean_ept,
+        "experts_per_token_by_layer": ept,
+        "active_expert_flops_vs_topk": mean_ept / reference_k,
+        "imbalance_max_over_mean": _mean(final["imbalance_max_over_mean"]),
+        "imbalance_cv": _mean(final["imbalance_cv"]),
+        "imbalance_max_over_mean_by_layer": final["imbalance_max_over_mean"],
+        "imbalance_cv_by_layer": final["imbalance_cv"],
+        "dropped_fraction": final["dropped_fraction"],
+        "train_tokens": run.train_tokens,
+        "train_seconds": run.train_seconds,
+        "train_tokens_per_second": steady_tokens_per_second(run.train_curve, train_cfg.batch_size * train_cfg.seq_len),
+        "wall_seconds": wall,
+        "load": final["load"],
+        "load_by_domain": final["load_by_domain"],
+        "experts_per_token_histogram": final["experts_per_token_histogram"],
+        "train_curve": [{k: r[k] for k in ("step", "loss", "lm_loss", "aux_loss", "lr", "seconds") if k in r}
+                        for r in run.train_curve],
+        "val_curve": [{"step": r["step"], "val_loss": r["val_loss"], "by_domain": r["by_domain"]}
+                      for r in run.val_curve],
+    }
+
+
+def warm_up(cfg: dict[str, Any], data: TokenData, train_cfg: TrainConfig, steps: int = 2) -> None:
+    """A few untimed steps of a throwaway model, so that one-off process costs (thread pools, allocator, kernel
+    selection) are not charged to whichever variant happens to run first. The global RNG is restored afterwards."""
+    rng = torch.get_rng_state()
+    try:
+        model = MoETransformerLM(model_config(cfg, cfg["variants"][0], vocab_size=data.vocab_size))
+        optimizer = make_optimizer(model, train_cfg)
+        for step in range(steps):
+            inputs, targets = data.batch(
+                step, batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len, seed=train_cfg.seed
+            )
+            model(inputs, targets, step=step)[1].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    except Exception:  # noqa: BLE001 — the variant's own run reports any error
+        pass
+    finally:
+        torch.set_rng_state(rng)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")

@@ -1,0 +1,247 @@
+"""A small decoder-only language model whose feed-forward blocks are MoE layers (or dense on chosen layers).
+
+Pre-norm blocks: x + attn(rmsnorm(x)), then x + ffn(rmsnorm(x)); rotary positions; causal attention through
+`F.scaled_dot_product_attention`; SwiGLU feed-forward, an `MoELayer` on every `moe_every`-th layer (the last layer of
+each group of `moe_every`) and a dense SwiGLU elsewhere; the output projection is the embedding matrix (tied).
+
+Shape legend: B batch, L sequence length, D model width, H heads, Dh head width, V vocabulary.
+
+Routers come from the registry by name and options, one per MoE layer; `Router.shared_modules` is called once per
+model so that shared router parts (a recurrent router's cell) are the same objects in every layer. Every MoE layer
+receives a `RoutingContext(token_ids, layer_index, step, state)`, the state being what the previous MoE layer's
+decision handed on, so every registered router works here without special cases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from routelab.experts.swiglu import SwiGLUExperts
+from routelab.layers.moe import MoELayer, total_aux_loss
+from routelab.models.schedules import SHAPES, k_schedule
+from routelab.routing.base import RoutingContext
+from routelab.routing.registry import create_router, router_class, router_options
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Keyword-only model configuration; `validate()` checks it (called by the model).
+
+    router / router_options: registry name and options of every MoE layer's router.
+    k_schedule: None, or {"shape": one of SHAPES, "k_max": int, "match_budget": bool (default True)}; sets the
+        router's `k` option per MoE layer (or `max_k` for routers without `k`, e.g. top_p), the uniform budget being
+        the router's `k` option (default 2).
+    dense_d_ff: width of the dense FFN on non-MoE layers (default: d_ff).
+    """
+
+    vocab_size: int = 4096
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 256
+    num_experts: int = 8
+    moe_every: int = 1
+    shared_experts: int = 0
+    dense_d_ff: int | None = None
+    max_seq_len: int = 1024
+    rope_base: float = 10000.0
+    router: str = "topk"
+    router_options: dict[str, Any] = field(default_factory=dict)
+    k_schedule: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def moe_layer_indices(self) -> list[int]:
+        """Block indices that hold an MoE layer: the last block of each group of `moe_every`."""
+        return [i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0]
+
+    def per_layer_router_options(self) -> list[dict[str, Any]]:
+        """The router options of each MoE layer (the k schedule applied), validated against the registry."""
+        n_moe = len(self.moe_layer_indices())
+        options = [dict(self.router_options) for _ in range(n_moe)]
+        if self.k_schedule is None:
+            return options
+        sched = dict(self.k_schedule)
+        unknown = sorted(set(sched) - {"shape", "k_max", "match_budget"})
+        if unknown:
+            raise ValueError(f"k_schedule has no field(s) {', '.join(unknown)}; valid: shape, k_max, match_budget")
+        if "shape" not in sched or "k_max" not in sched:
+            raise ValueError(f"k_schedule needs 'shape' (one of {', '.join(SHAPES)}) and 'k_max'")
+        valid = router_options(self.router)
+        key = "k" if "k" in valid else "max_k" if "max_k" in valid else None
+        if key is None:
+            raise ValueError(
+                f"router {self.router!r} has neither a 'k' nor a 'max_k' option, so a k_schedule cannot apply"
+            )
+        budget = self.router_options.get("k", valid.get("k")) if key == "k" else self.router_options.get("k", 2)
+        if not isinstance(budget, int):
+            budget = 2
+        ks = k_schedule(
+            sched["shape"], n_moe, k_max=sched["k_max"], k=budget, match_budget=sched.get("match_budget", True)
+        )
+        for opts, k in zip(options, ks):
+            opts[key] = k
+        return options
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"model.d_model={self.d_model} must be a multiple of n_heads={self.n_heads} with an even head width"
+            )
+        if self.moe_every > self.n_layers:
+            raise ValueError(f"model.moe_every={self.moe_every} exceeds n_layers={self.n_layers}: no MoE layer")
+        if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
+            raise ValueError(f"model.shared_experts must be an integer >= 0, got {self.shared_experts!r}")
+        router_class(self.router)  # unknown name → ValueError listing the valid ones
+        if not isinstance(self.router_options, dict):
+            raise ValueError(f"router options must be a mapping, got {self.router_options!r}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d_model: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(max_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_len, head_dim/2] for rotary positions (rotating pairs (x[2i], x[2i+1]))."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHLK: Tensor, cos_LK2: Tensor, sin_LK2: Tensor) -> Tensor:
+    x1, x2 = x_BHLK[..., 0::2], x_BHLK[..., 1::2]
+    out = torch.stack((x1 * cos_LK2 - x2 * sin_LK2, x1 * sin_LK2 + x2 * cos_LK2), dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, L, D = x_BLD.shape
+        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
+        q, k = apply_rope(q, cos[:L], sin[:L]), apply_rope(k, cos[:L], sin[:L])
+        y_BHLK = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y_BHLK.transpose(1, 2).reshape(B, L, D))
+
+
+class DenseSwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoELayer | None) -> None:
+        super().__init__()
+        self.attn_norm, self.ffn_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_heads)
+        self.ffn: nn.Module = moe if moe is not None else DenseSwiGLU(cfg.d_model, cfg.dense_d_ff or cfg.d_ff)
+
+
+class MoETransformerLM(nn.Module):
+    """`forward(ids [B, L], targets [B, L] | None, step=None) -> (logits [B, L, V], loss | None)`.
+
+    The loss is the mean next-token cross-entropy plus `total_aux_loss(self)` (the routers' aux losses of this
+    forward). `moe_layers` lists the MoE layers bottom-up; `per_layer_options` the router options each received.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        cfg = config
+        moe_at = cfg.moe_layer_indices()
+        self.per_layer_options = cfg.per_layer_router_options()
+        shared = router_class(cfg.router).shared_modules(
+            d_model=cfg.d_model, num_experts=cfg.num_experts, **cfg.router_options
+        )
+        moe_layers: dict[int, MoELayer] = {}
+        for j, i in enumerate(moe_at):
+            router = create_router(
+                cfg.router, d_model=cfg.d_model, num_experts=cfg.num_experts, **self.per_layer_options[j], **shared
+            )
+            moe_layers[i] = MoELayer(cfg.d_model, cfg.d_ff, router, shared_experts=cfg.shared_experts)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, moe_layers.get(i)) for i in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.d_model)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
+
+    @property
+    def causal(self) -> bool:
+        """True when every MoE layer's router is causal (a token's routing depends only on it and earlier tokens)."""
+        return all(bool(layer.router.causal) for layer in self.moe_layers)
+
+    def _init_weights(self) -> None:
+        # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2·n_layers). Expert banks and routers
+        # keep their own initialisation (they own it), except the experts' down projection, scaled likewise.
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=0.02)
+            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+            if isinstance(block.ffn, DenseSwiGLU):
+                nn.init.normal_(block.ffn.gate_up.weight, std=0.02)
+                nn.init.normal_(block.ffn.down.weight, std=residual_std)
+            else:
+                for bank in (block.ffn.experts, block.ffn.shared_experts):
+                    if isinstance(bank, SwiGLUExperts):
+                        nn.init.normal_(bank.w_gate_up, std=0.02)
+                        nn.init.normal_(bank.w_down, std=residual_std)
+
+    def forward(
+        self, ids: Tensor, targets: Tensor | None = None, *, step: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        B, L = ids.shape
+        if L > self.config.max_seq_len:
+            raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
+        x_BLD = self.embed(ids)
+        state, moe_index = None, 0
+        for block in self.blocks:
+            x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), self.rope_cos, self.rope_sin)
+            h_BLD = block.ffn_norm(x_BLD)
+            if isinstance(block.ffn, MoELayer):
+                ctx = RoutingContext(token_ids=ids, layer_index=moe_index, step=step, state=state)
+                y_BLD, decision = block.ffn.forward_with_decision(h_BLD, ctx)
+                state, moe_index = decision.state, moe_index + 1
+            else:
+                y_BLD = block.ffn(h_BLD)
+            x_BLD = x_BLD + y_BLD
+        logits_BLV = F.linear(self.final_norm(x_BLD), self.embed.weight)
+        if targets is None:
+            return logits_BLV, None
+        lm_loss = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]).float(), targets.reshape(-1))
+        return logits_BLV, lm_loss + total_aux_loss(self)

@@ -1,0 +1,296 @@
+"""The training loop: one straight line — setup → (resume) → loop {schedule, step, update_routers, log, evaluate,
+checkpoint} → final evaluation with routing statistics.
+
+Determinism: the model is initialised under `torch.manual_seed(seed)`, batches are a function of (seed, step) only
+(see `TokenData.batch`), and checkpoints carry the RNG states, so two runs with the same seed on the same machine
+give identical loss curves, and a run resumed from a checkpoint continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from routelab.data.dataset import TokenData
+from routelab.layers.moe import MoELayer, total_aux_loss
+from routelab.models.transformer import ModelConfig, MoETransformerLM
+from routelab.routing.base import update_routers
+from routelab.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """steps: optimizer steps; batch_size × seq_len tokens per step; lr peaks after `warmup` steps and decays by
+    cosine to lr·min_lr_ratio; eval every `eval_every` steps on `eval_windows` windows per domain; checkpoint every
+    `checkpoint_every` steps (0: only at the end)."""
+
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_windows: int = 16
+    eval_batch_size: int = 16
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"train.{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "beta1", "beta2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"train.{name} must be a number >= 0, got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to lr·min_lr_ratio at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (dim ≥ 2: projections, expert banks, embeddings), none on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+@dataclass
+class TrainResult:
+    model: MoETransformerLM
+    train_curve: list[dict[str, float]]  # per step: step, lr, loss, lm_loss, aux_loss
+    val_curve: list[dict[str, Any]]  # per evaluation: step, val_loss, by_domain
+    final: dict[str, Any]  # evaluate(..., stats=True) at the end
+    train_seconds: float
+    train_tokens: int
+
+
+def train(
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    data: TokenData,
+    *,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+    bar_position: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train `MoETransformerLM(model_config)` on `data`; with `out_dir`, write metrics.jsonl and checkpoints there.
+
+    `on_step(step, record)` is called after each optimizer step (tests use it to stop a run midway).
+    """
+    cfg.validate()
+    data.check_windows(cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    model = MoETransformerLM(model_config)
+    optimizer = make_optimizer(model, cfg)
+    val_sets = data.val_windows(seq_len=cfg.seq_len, windows_per_domain=cfg.eval_windows)
+    train_curve: list[dict[str, float]] = []
+    val_curve: list[dict[str, Any]] = []
+    start, train_seconds = 0, 0.0
+    metrics_path = None if out_dir is None else Path(out_dir) / "metrics.jsonl"
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if resume and has_checkpoint(Path(out_dir)):
+            meta = load_checkpoint(Path(out_dir), model=model, optimizer=optimizer)
+            start, train_seconds = meta["step"], meta["extra"]["train_seconds"]
+            train_curve, val_curve = _read_metrics(metrics_path, upto=start)
+        _write_metrics(metrics_path, train_curve, val_curve)  # drops records after the checkpoint's step
+
+    if start == 0 and not val_curve:  # the loss before training, so every curve starts from the same point
+        ev = evaluate(model, val_sets, batch_size=cfg.eval_batch_size, step=0)
+        val_curve.append({"kind": "eval", "step": 0, "val_loss": ev["val_loss"], "by_domain": ev["val_loss_by_domain"]})
+        _append(metrics_path, val_curve[-1])
+    bar = _progress(cfg.steps, start, desc, progress, bar_position)
+    model.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = data.batch(step, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
+        _, loss = model(inputs, targets, step=step)
+        aux = total_aux_loss(model).detach()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        update_routers(model)
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{desc}: the training loss is {loss_value} at step {step}")
+        record = {"kind": "train", "step": step + 1, "lr": lr, "loss": loss_value,
+                  "lm_loss": loss_value - aux.item(), "aux_loss": aux.item(), "seconds": seconds}
+        train_curve.append(record)
+        _append(metrics_path, record)
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            ev = evaluate(model, val_sets, batch_size=cfg.eval_batch_size, step=done)
+            val_record = {"kind": "eval", "step": done, "val_loss": ev["val_loss"],
+                          "by_domain": ev["val_loss_by_domain"]}
+            val_curve.append(val_record)
+            _append(metrics_path, val_record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_curve[-1]['val_loss']:.3f}" if val_curve else "-")
+            bar.update(1)
+        if out_dir is not None and (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_checkpoint(Path(out_dir), model=model, optimizer=optimizer, step=done,
+                            extra={"train_seconds": train_seconds, "train_config": asdict(cfg)})
+        if on_step is not None:
+            on_step(done, record)
+    if bar is not None:
+        bar.close()
+    final = evaluate(model, val_sets, batch_size=cfg.eval_batch_size, step=cfg.steps, stats=True)
+    tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+    return TrainResult(model, train_curve, val_curve, final, train_seconds, tokens)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoETransformerLM,
+    val_sets: list[tuple[str, torch.Tensor, torch.Tensor]],
+    *,
+    batch_size: int,
+    step: int | None = None,
+    stats: bool = False,
+) -> dict[str, Any]:
+    """Mean next-token cross-entropy on the validation windows (overall: mean over all tokens, and per domain).
+
+    With `stats`, also routing statistics of the MoE layers over the same forwards (eval mode, no router updates):
+    load [layer][expert] and per domain, imbalance max/mean and coefficient of variation per layer (mean over the
+    eval batches), the experts-per-token histogram, dropped assignments and mean experts per token per layer.
+    """
+    was_training = model.training
+    model.eval()
+    layers = model.moe_layers
+    E = model.config.num_experts
+    n_layers = len(layers)
+    total_loss, total_tokens = 0.0, 0
+    by_domain: dict[str, float] = {}
+    load = torch.zeros(n_layers, E, dtype=torch.float64)
+    domain_load: dict[str, torch.Tensor] = {}
+    max_over_mean = torch.zeros(n_layers, dtype=torch.float64)
+    cv = torch.zeros(n_layers, dtype=torch.float64)
+    assignments = torch.zeros(n_layers, dtype=torch.float64)
+    dropped = torch.zeros(n_layers, dtype=torch.float64)
+    ept_hist: dict[int, int] = {}
+    n_batches, routed_tokens = 0, 0
+    for name, inputs, targets in val_sets:
+        dom_loss, dom_tokens = 0.0, 0
+        dom_load = torch.zeros(n_layers, E, dtype=torch.float64)
+        for i in range(0, inputs.shape[0], batch_size):
+            x, y = inputs[i : i + batch_size], targets[i : i + batch_size]
+            logits, _ = model(x, step=step)
+            logits_NV = logits.reshape(-1, logits.shape[-1]).float()
+            loss = torch.nn.functional.cross_entropy(logits_NV, y.reshape(-1), reduction="sum")
+            dom_loss += loss.item()
+            dom_tokens += y.numel()
+            if stats:
+                n_batches += 1
+                routed_tokens += x.numel()
+                for j, layer in enumerate(layers):
+                    dec = layer.last_decision
+                    lj = dec.expert_load().double()
+                    dom_load[j] += lj
+                    mean = lj.mean()
+                    max_over_mean[j] += (lj.max() / mean).item() if mean > 0 else float("nan")
+                    cv[j] += (lj.std(unbiased=False) / mean).item() if mean > 0 else float("nan")
+                    assignments[j] += dec.num_assignments
+                    dropped[j] += dec.num_dropped
+                    for count, n in zip(*torch.unique(dec.experts_per_token(), return_counts=True)):
+                        ept_hist[int(count)] = ept_hist.get(int(count), 0) + int(n)
+        by_domain[name] = dom_loss / dom_tokens
+        total_loss += dom_loss
+        total_tokens += dom_tokens
+        load += dom_load
+        domain_load[name] = dom_load
+    if was_training:
+        model.train()
+    out: dict[str, Any] = {"step": step, "val_loss": total_loss / total_tokens, "val_loss_by_domain": by_domain}
+    if stats:
+        per_layer_ept = (assignments / routed_tokens).tolist()
+        out.update({
+            "load": load.tolist(),
+            "load_by_domain": {k: v.tolist() for k, v in domain_load.items()},
+            "imbalance_max_over_mean": (max_over_mean / n_batches).tolist(),
+            "imbalance_cv": (cv / n_batches).tolist(),
+            "experts_per_token_by_layer": per_layer_ept,
+            "experts_per_token_histogram": {str(k): v for k, v in sorted(ept_hist.items())},
+            "dropped_fraction": (dropped.sum() / max(1.0, (assignments + dropped).sum())).item(),
+            "routed_tokens_per_layer": routed_tokens,
+        })
+    return out
+
+
+def _progress(total: int, start: int, desc: str, enabled: bool, position: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, position=position,
+                leave=position == 0)
+
+
+def steady_tokens_per_second(train_curve: list[dict[str, float]], tokens_per_step: int) -> float:
+    """Training tokens per second over the steps after the first tenth (at most 10 steps are skipped): the first
+    steps of a fresh model pay one-off costs (allocator, kernel selection) that are not the router's."""
+    skip = min(10, len(train_curve) // 10)
+    timed = [r["seconds"] for r in train_curve[skip:] if "seconds" in r]
+    return tokens_per_step * len(timed) / sum(timed) if timed and sum(timed) > 0 else float("nan")
+
+
+def _append(path: Path | None, record: dict[str, Any]) -> None:
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _write_metrics(path: Path | None, train_curve: list, val_curve: list) -> None:
+    if path is None:
+        return
+    records = sorted(train_curve + val_curve, key=lambda r: (r["step"], r["kind"] == "eval"))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _read_metrics(path: Path | None, *, upto: int) -> tuple[list, list]:
+    train_curve, val_curve = [], []
+    if path is None or not path.is_file():
+        return train_curve, val_curve
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record["step"] <= upto:
+            (train_curve if record["kind"] == "train" else val_curve).append(record)
+    return train_curve, val_curve

@@ -1,0 +1,128 @@
+"""`routelab compare`: the smoke preset end to end, presets, and clear errors before any training."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from routelab.cli import main
+from routelab.compare import ConfigError, load_preset, resolve
+from routelab.compare.config import PRESETS
+from routelab.routing.registry import list_routers
+
+ZOO = {"topk", "expert_choice", "sinkhorn", "null_experts", "top_p", "cosine", "hash", "random_fixed", "kmeans",
+       "recurrent", "similarity"}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ROUTELAB_CACHE", str(tmp_path_factory.getbasetemp() / "routelab-cache"))
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_smoke_preset_writes_every_variant_and_the_plots(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["compare", "--preset", "smoke", "--steps", "4", "--out", str(out), "--quiet"]) == 0
+    expected, _ = resolve(preset="smoke")
+    names = [v["name"] for v in expected["variants"]]
+    assert "topk" in names and len(names) == len({v["name"] for v in load_preset("smoke")["variants"]
+                                                   if v["router"] in list_routers()})
+    results = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in results["variants"]] == names
+    for v in results["variants"]:
+        assert "error" not in v, v.get("error")
+        assert math.isfinite(v["val_perplexity"]) and v["val_perplexity"] > 1
+        assert 0 < v["mean_experts_per_token"] <= expected["model"]["num_experts"]
+        assert v["imbalance_max_over_mean"] >= 1.0 and 0 <= v["dropped_fraction"] <= 1
+        assert [r["step"] for r in v["val_curve"]][0] == 0 and v["val_curve"][-1]["step"] == 4
+    report = (out / "report.md").read_text()
+    for name in names:
+        assert f"| {name} |" in report
+    for png in ("val_loss.png", "expert_load.png", "experts_per_token.png", "domain_load.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
+    used = yaml.safe_load((out / "config.yaml").read_text())
+    assert used["train"]["steps"] == 4 and [v["name"] for v in used["variants"]] == names
+
+    # --resume reads finished variants back instead of retraining them
+    assert main(["compare", "--preset", "smoke", "--steps", "4", "--out", str(out), "--quiet", "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [v["val_loss"] for v in again["variants"]] == [v["val_loss"] for v in results["variants"]]
+    capsys.readouterr()
+    assert main(["compare", "--preset", "smoke", "--steps", "5", "--out", str(out), "--quiet", "--resume"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
+def test_routers_flag_and_data_files(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(f"The {i}th sentence of a small English text.\n" for i in range(600)))
+    b.write_text("".join(f"value_{i} = compute({i}, {i * 3})\n" for i in range(600)))
+    out = tmp_path / "report"
+    args = ["compare", "--preset", "smoke", "--routers", "topk", "--data", str(a), str(b), "--steps", "3",
+            "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [v["router"] for v in results["variants"]] == ["topk"]
+    assert [d["name"] for d in results["data"]["domains"]] == ["a", "b"]
+    assert set(results["variants"][0]["val_loss_by_domain"]) == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--routers", "topk,no_such_router"], "unknown router 'no_such_router'; valid names: .*topk"),
+        (["--data", "MISSING"], "data file not found: .*missing.txt"),
+        (["--data", "EMPTY"], "data file is empty: .*empty.txt"),
+        (["--config", "BADFIELD"], "train: unknown field\\(s\\) stepz; valid fields: .*steps"),
+        (["--config", "BADVALUE"], "train.lr must be"),
+        (["--config", "BADOPTION"], "variants\\[0\\] \\(topk\\): router 'topk' has no option\\(s\\) kk"),
+        (["--preset", "huge"], "unknown preset 'huge'; valid presets: smoke, default"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+    ],
+)
+def test_bad_input_fails_clearly_before_training(tmp_path, capsys, extra, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "badfield.yaml").write_text("train: {stepz: 3}\n")
+    (tmp_path / "badvalue.yaml").write_text("train: {lr: -1}\n")
+    (tmp_path / "badoption.yaml").write_text("variants: [{router: topk, options: {kk: 2}}]\n")
+    paths = {"MISSING": tmp_path / "missing.txt", "EMPTY": tmp_path / "empty.txt",
+             "BADFIELD": tmp_path / "badfield.yaml", "BADVALUE": tmp_path / "badvalue.yaml",
+             "BADOPTION": tmp_path / "badoption.yaml"}
+    extra = [str(paths.get(x, x)) for x in extra]
+    out = tmp_path / "report"
+    assert main(["compare", "--preset", "smoke", "--out", str(out), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("routelab compare: error: ")
+    import re
+
+    assert re.search(message, err), err
+    assert not out.exists()  # nothing was trained or written
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_are_valid_and_cover_the_router_families(preset):
+    raw = load_preset(preset)
+    assert {v["router"] for v in raw["variants"]} >= ZOO
+    cfg, notes = resolve(preset=preset)  # builds every registered variant's routers: options are checked
+    registered = set(list_routers())
+    assert {v["router"] for v in cfg["variants"]} == ZOO & registered
+    assert len(notes) == len([v for v in raw["variants"] if v["router"] not in registered])
+
+
+def test_unregistered_routers_in_a_preset_are_skipped_with_a_note(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("variants: [{router: topk}, {name: future, router: not_yet_written}]\n")
+    cfg, notes = resolve(preset="smoke", config_file=cfg_file)
+    assert [v["name"] for v in cfg["variants"]] == ["topk"]
+    assert notes == ["skipping variant 'future': router 'not_yet_written' is not registered in this installation"]
+    with pytest.raises(ConfigError, match="unknown router 'not_yet_written'"):
+        resolve(preset="smoke", config_file=cfg_file, routers=["not_yet_written"])
