@@ -280,16 +280,14 @@ def _append(path: Path | None, record: dict[str, Any]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _write_metrics(path: Path | None, train_curve: list, val_curve: list) -> None:
-    if path is None:
-        return
+def _write_metrics(path: Path, train_curve: list, val_curve: list) -> None:
     records = sorted(train_curve + val_curve, key=lambda r: (r["step"], r["kind"] == "eval"))
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def _read_metrics(path: Path | None, *, upto: int) -> tuple[list, list]:
+def _read_metrics(path: Path, *, upto: int) -> tuple[list, list]:
     train_curve, val_curve = [], []
-    if path is None or not path.is_file():
+    if not path.is_file():
         return train_curve, val_curve
     for line in path.read_text().splitlines():
         if not line.strip():
