@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 import yaml
 
 from routelab.cli import main
@@ -21,13 +20,6 @@ ZOO = {"topk", "expert_choice", "sinkhorn", "null_experts", "top_p", "cosine", "
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ROUTELAB_CACHE", str(tmp_path_factory.getbasetemp() / "routelab-cache"))
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_smoke_preset_writes_every_variant_and_the_plots(tmp_path, capsys):

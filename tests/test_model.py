@@ -18,15 +18,6 @@ from routelab.routing.base import Router, RoutingContext, RoutingDecision
 TINY = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=2, d_ff=48, num_experts=4, max_seq_len=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models gain nothing from a second thread and lose much when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @settings(max_examples=60, deadline=None)
 @given(
     shape=st.sampled_from(K_SCHEDULE_SHAPES),

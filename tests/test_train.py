@@ -12,15 +12,6 @@ from routelab.models import ModelConfig, MoETransformerLM
 from routelab.train import TrainConfig, load_checkpoint, make_optimizer, save_checkpoint, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models gain nothing from a second thread and lose much when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class Stop(Exception):
     pass
 

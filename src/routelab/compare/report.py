@@ -174,34 +174,49 @@ def plot_val_loss(variants: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def plot_expert_load(variants: list[dict[str, Any]], path: Path) -> Path:
+def _heatmap_panels(
+    variants: list[dict[str, Any]], matrices: list[np.ndarray], path: Path, *, panel_size: tuple[float, float],
+    cmap: str, vmax: float, colorbar_label: str, title: str, row_labels: list[str] | None = None,
+    row_title: str | None = None, row_group: int | None = None,
+) -> Path:
+    """One heatmap a variant ([rows, experts]), up to 4 panels a row, one shared colour bar from 0 to vmax; a white
+    line after every `row_group` rows."""
     n = len(variants)
     cols = min(4, n)
     rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False,
+                             constrained_layout=True)
+    image = None
+    for ax, v, m in zip(axes.flat, variants, matrices):
+        image = ax.imshow(m, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_title(v["name"], fontsize=10)
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(m.shape[0]), labels=row_labels)
+        for boundary in range(row_group, m.shape[0], row_group) if row_group else ():
+            ax.axhline(boundary - 0.5, color="white", linewidth=1.5)
+        ax.set_xlabel("expert", fontsize=8)
+        if row_title is not None:
+            ax.set_ylabel(row_title, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label=colorbar_label)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(variants: list[dict[str, Any]], path: Path) -> Path:
     rel = []
     for v in variants:
         load = np.asarray(v["load"], dtype=float)  # [layers, E]
         mean = load.mean(axis=1, keepdims=True)
         rel.append(np.divide(load, mean, out=np.zeros_like(load), where=mean > 0))
-    vmax = max(2.0, max(float(r.max()) for r in rel))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 0.45 * rel[0].shape[0] * rows + 1.6 * rows),
-                             squeeze=False, constrained_layout=True)
-    image = None
-    for ax, v, r in zip(axes.flat, variants, rel):
-        image = ax.imshow(r, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
-        ax.set_title(v["name"], fontsize=10)
-        ax.set_xticks(range(r.shape[1]))
-        ax.set_yticks(range(r.shape[0]))
-        ax.set_xlabel("expert", fontsize=8)
-        ax.set_ylabel("MoE layer", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="load ÷ mean load (1 = balanced)")
-    fig.suptitle("Expert load per MoE layer (validation set)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _heatmap_panels(variants, rel, path, panel_size=(3.4, 0.45 * rel[0].shape[0] + 1.6), cmap="viridis",
+                           vmax=max(2.0, max(float(r.max()) for r in rel)), row_title="MoE layer",
+                           colorbar_label="load ÷ mean load (1 = balanced)",
+                           title="Expert load per MoE layer (validation set)")
 
 
 def plot_experts_per_token(variants: list[dict[str, Any]], path: Path) -> Path:
@@ -228,9 +243,6 @@ def plot_experts_per_token(variants: list[dict[str, Any]], path: Path) -> Path:
 def plot_domain_load(variants: list[dict[str, Any]], path: Path) -> Path:
     """Per variant: rows (MoE layer, domain), columns experts; each row is the share of that domain's assignments
     in that layer going to each expert (experts of different layers are different experts, so layers stay apart)."""
-    n = len(variants)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
     domains = list(variants[0]["load_by_domain"])
     shares = []
     for v in variants:
@@ -240,23 +252,7 @@ def plot_domain_load(variants: list[dict[str, Any]], path: Path) -> Path:
         shares.append(np.divide(m, total, out=np.zeros_like(m), where=total > 0))
     n_rows = shares[0].shape[0]
     labels = [f"L{layer} {d}" for layer in range(n_rows // len(domains)) for d in domains]
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, (0.28 * n_rows + 1.4) * rows),
-                             squeeze=False, constrained_layout=True)
-    vmax = max(float(s.max()) for s in shares)
-    image = None
-    for ax, v, s in zip(axes.flat, variants, shares):
-        image = ax.imshow(s, cmap="magma", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
-        ax.set_title(v["name"], fontsize=10)
-        ax.set_xticks(range(s.shape[1]))
-        ax.set_yticks(range(n_rows), labels=labels)
-        for boundary in range(len(domains), n_rows, len(domains)):
-            ax.axhline(boundary - 0.5, color="white", linewidth=1.5)
-        ax.set_xlabel("expert", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="share of the domain's assignments in that layer")
-    fig.suptitle("Which experts each domain uses, per MoE layer (validation set)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _heatmap_panels(variants, shares, path, panel_size=(3.6, 0.28 * n_rows + 1.4), cmap="magma",
+                           vmax=max(float(s.max()) for s in shares), row_labels=labels, row_group=len(domains),
+                           colorbar_label="share of the domain's assignments in that layer",
+                           title="Which experts each domain uses, per MoE layer (validation set)")

@@ -80,11 +80,10 @@ def _run_compare(
 
     out = Path(out_dir)
     started = time.perf_counter()
-    t0 = time.perf_counter()
     data = load_data(cfg, cache=cache)
     train_cfg = TrainConfig(**cfg["train"])
     data.check_windows(train_cfg.seq_len)
-    setup_seconds = time.perf_counter() - t0
+    setup_seconds = time.perf_counter() - started
     if not quiet:
         how = "read from cache" if data.tokenizer_cached else "trained"
         sizes = ", ".join(f"{d.name} ({d.train.numel():,} train / {d.val.numel():,} val tokens)" for d in data.domains)

@@ -1,6 +1,7 @@
-"""Small helpers shared by the router families: option validation, stable top-k, seeded integers, sequences.
+"""Small helpers shared by the router families: option validation, stable top-k, seeded integers, sequences, and
+the softmax-top-k tail (selection, weights, Switch aux loss).
 
-Shape legend: T tokens, E experts, K slots.
+Shape legend: T tokens, E experts, K slots, S assignments.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from routelab.routing.base import RoutingContext
+from routelab.routing.losses import switch_balance_loss
 
 _MASK64 = (1 << 64) - 1
 
@@ -94,3 +96,27 @@ def flatten_choices(expert_TK: Tensor, weight_TK: Tensor, keep_TK: Tensor | None
     if keep_TK is None:
         return token_TK.reshape(-1), expert_TK.reshape(-1), weight_TK.reshape(-1)
     return token_TK[keep_TK], expert_TK[keep_TK], weight_TK[keep_TK]
+
+
+def top_k_choices(probs_TE: Tensor, k: int, real_T: Tensor, *, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """COO (token_S, expert_S, weight_S): each real token's k most probable experts (stable ties, lower index),
+    weighted by `probs_TE` at them, renormalised over the k selected when `renormalize`.
+
+    probs_TE [T, E] (selection sees it detached; the weights keep its graph); real_T BoolTensor [T] (padding gets
+    no assignment). S = K · (number of real tokens), token-major.
+    """
+    T = probs_TE.shape[0]
+    expert_TK = top_indices(probs_TE.detach(), k)
+    weight_TK = probs_TE.gather(1, expert_TK)
+    if renormalize:
+        weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+    return flatten_choices(expert_TK, weight_TK, real_T[:, None].expand(T, k))
+
+
+def switch_aux_losses(coef: float, probs_TE: Tensor, expert_S: Tensor, real_T: Tensor) -> dict[str, Tensor]:
+    """{"aux": coef · Switch balance loss} over the real tokens' probs_TE [T, E] and the load of expert_S [S];
+    {} when coef is 0."""
+    if coef <= 0:
+        return {}
+    load_E = torch.bincount(expert_S, minlength=probs_TE.shape[-1])
+    return {"aux": coef * switch_balance_loss(probs_TE[real_T], load_E)}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routelab.routing._util import check_int, flatten_choices, real_mask, top_indices
+from routelab.routing._util import check_int, real_mask, top_k_choices
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
 from routelab.routing.registry import register_router
 
@@ -46,12 +46,8 @@ class RandomFixedRouter(Router):
         dtype = router_dtype(x_TD)
         logits_TE = F.linear(x_TD.to(dtype), self.gate_weight.to(dtype))
         probs_TE = logits_TE.softmax(-1)
-        expert_TK = top_indices(probs_TE.detach(), k)
-        weight_TK = probs_TE.gather(1, expert_TK)
-        if self.normalize == "selected":
-            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
         real_T = real_mask(ctx, T, x_TD.device)
-        token_S, expert_S, weight_S = flatten_choices(expert_TK, weight_TK, real_T[:, None].expand(T, k))
+        token_S, expert_S, weight_S = top_k_choices(probs_TE, k, real_T, renormalize=self.normalize == "selected")
         return RoutingDecision(
             token_index=token_S,
             expert_index=expert_S,

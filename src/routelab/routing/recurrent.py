@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_int, check_number, flatten_choices, real_mask, top_indices
+from routelab.routing._util import check_int, check_number, real_mask, switch_aux_losses, top_k_choices
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
-from routelab.routing.losses import switch_balance_loss
 from routelab.routing.registry import register_router
 
 CELLS = ("gru", "rnn")
@@ -115,15 +114,8 @@ class RecurrentRouter(Router):
         logits_TE = F.linear(state_TH, self.w2.weight.to(state_TH.dtype))
         probs_TE = logits_TE.softmax(-1)
         real_T = real_mask(ctx, T, x_TD.device)
-        expert_TK = top_indices(probs_TE.detach(), k)
-        weight_TK = probs_TE.gather(1, expert_TK)
-        if self.normalize == "selected":
-            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
-        token_S, expert_S, weight_S = flatten_choices(expert_TK, weight_TK, real_T[:, None].expand(T, k))
-        aux_losses: dict[str, Tensor] = {}
-        if self.aux_loss_coef > 0:
-            load_E = torch.bincount(expert_S, minlength=E)
-            aux_losses["aux"] = self.aux_loss_coef * switch_balance_loss(probs_TE[real_T], load_E)
+        token_S, expert_S, weight_S = top_k_choices(probs_TE, k, real_T, renormalize=self.normalize == "selected")
+        aux_losses = switch_aux_losses(self.aux_loss_coef, probs_TE, expert_S, real_T)
         return RoutingDecision(
             token_index=token_S,
             expert_index=expert_S,

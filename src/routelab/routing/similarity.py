@@ -31,13 +31,12 @@ from routelab.routing._util import (
     check_bool,
     check_int,
     check_number,
-    flatten_choices,
     real_mask,
     sequence_shape,
-    top_indices,
+    switch_aux_losses,
+    top_k_choices,
 )
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
-from routelab.routing.losses import switch_balance_loss
 from routelab.routing.registry import register_router
 
 KERNELS = ("bilinear", "cosine")
@@ -97,15 +96,8 @@ class SimilarityRouter(Router):
         mix_BLL = self.mixing(x_TD.view(B, L, self.d_model), real_T.view(B, L))
         mixed_TE = (mix_BLL @ probs_TE.view(B, L, E)).reshape(T, E)
 
-        expert_TK = top_indices(mixed_TE.detach(), k)
-        weight_TK = mixed_TE.gather(1, expert_TK)
-        if k > 1:
-            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
-        token_S, expert_S, weight_S = flatten_choices(expert_TK, weight_TK, real_T[:, None].expand(T, k))
-        aux_losses: dict[str, Tensor] = {}
-        if self.aux_loss_coef > 0:
-            load_E = torch.bincount(expert_S, minlength=E)
-            aux_losses["aux"] = self.aux_loss_coef * switch_balance_loss(mixed_TE[real_T], load_E)
+        token_S, expert_S, weight_S = top_k_choices(mixed_TE, k, real_T, renormalize=k > 1)
+        aux_losses = switch_aux_losses(self.aux_loss_coef, mixed_TE, expert_S, real_T)
         return RoutingDecision(
             token_index=token_S,
             expert_index=expert_S,

@@ -45,6 +45,7 @@ from routelab.routing._util import (
     flatten_choices,
     real_mask,
     top_indices,
+    top_k_choices,
     unit_interval,
 )
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
@@ -158,11 +159,7 @@ class SinkhornRouter(Router):
             self.forward_count += 1
 
         if not transport:
-            expert_TK = top_indices(scores_TE.detach(), k)
-            weight_TK = scores_TE.gather(1, expert_TK)
-            if self.normalize == "selected":
-                weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-            token_S, expert_S, weight_S = flatten_choices(expert_TK, weight_TK, real_T[:, None].expand(T, k))
+            token_S, expert_S, weight_S = top_k_choices(scores_TE, k, real_T, renormalize=self.normalize == "selected")
         else:
             real_idx = real_T.nonzero().squeeze(1)
             cost_NE = (scores_TE if self.cost == "softmax" else logits_TE).detach()[real_idx]

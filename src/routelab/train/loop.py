@@ -126,8 +126,7 @@ def train(
         _write_metrics(metrics_path, train_curve, val_curve)  # drops records after the checkpoint's step
 
     if start == 0 and not val_curve:  # the loss before training, so every curve starts from the same point
-        ev = evaluate(model, val_sets, batch_size=cfg.eval_batch_size, step=0)
-        val_curve.append({"kind": "eval", "step": 0, "val_loss": ev["val_loss"], "by_domain": ev["val_loss_by_domain"]})
+        val_curve.append(_eval_record(model, val_sets, cfg, step=0))
         _append(metrics_path, val_curve[-1])
     bar = _progress(cfg.steps, start, desc, progress, bar_position)
     model.train()
@@ -156,11 +155,8 @@ def train(
         _append(metrics_path, record)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            ev = evaluate(model, val_sets, batch_size=cfg.eval_batch_size, step=done)
-            val_record = {"kind": "eval", "step": done, "val_loss": ev["val_loss"],
-                          "by_domain": ev["val_loss_by_domain"]}
-            val_curve.append(val_record)
-            _append(metrics_path, val_record)
+            val_curve.append(_eval_record(model, val_sets, cfg, step=done))
+            _append(metrics_path, val_curve[-1])
         if bar is not None:
             bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_curve[-1]['val_loss']:.3f}" if val_curve else "-")
             bar.update(1)
@@ -253,6 +249,14 @@ def evaluate(
     return out
 
 
+def _eval_record(
+    model: MoETransformerLM, val_sets: list[tuple[str, torch.Tensor, torch.Tensor]], cfg: TrainConfig, *, step: int
+) -> dict[str, Any]:
+    """The metrics.jsonl record of an evaluation at `step` (no routing statistics)."""
+    ev = evaluate(model, val_sets, batch_size=cfg.eval_batch_size, step=step)
+    return {"kind": "eval", "step": step, "val_loss": ev["val_loss"], "by_domain": ev["val_loss_by_domain"]}
+
+
 def _progress(total: int, start: int, desc: str, enabled: bool, position: int):
     if not enabled:
         return None
@@ -276,16 +280,14 @@ def _append(path: Path | None, record: dict[str, Any]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _write_metrics(path: Path | None, train_curve: list, val_curve: list) -> None:
-    if path is None:
-        return
+def _write_metrics(path: Path, train_curve: list, val_curve: list) -> None:
     records = sorted(train_curve + val_curve, key=lambda r: (r["step"], r["kind"] == "eval"))
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def _read_metrics(path: Path | None, *, upto: int) -> tuple[list, list]:
+def _read_metrics(path: Path, *, upto: int) -> tuple[list, list]:
     train_curve, val_curve = [], []
-    if path is None or not path.is_file():
+    if not path.is_file():
         return train_curve, val_curve
     for line in path.read_text().splitlines():
         if not line.strip():
