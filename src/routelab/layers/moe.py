@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from routelab.dispatch.permute import combine, permute
+from routelab.dispatch.permute import make_plan
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice
 
@@ -64,10 +64,10 @@ class MoELayer(nn.Module):
 
         decision = self.router(x_TD, ctx)
         self.last_decision = decision.detached()
-        rows_SD, group_sizes_E, plan = permute(x_TD, decision)
-        y_TD = combine(self.experts(rows_SD, group_sizes_E), plan)
+        plan = make_plan(decision)  # permute: assignments sorted by expert
+        y_TD = self.experts.routed(x_TD, plan)  # gather rows → experts → weighted combine, in one pass
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD, group_sizes_E.new_tensor([x_TD.shape[0]]))
+            y_TD = y_TD + self.shared_experts(x_TD, plan.group_sizes_E.new_tensor([x_TD.shape[0]]))
         return y_TD.reshape(x.shape), decision
 
     def extra_repr(self) -> str:
