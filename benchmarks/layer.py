@@ -134,7 +134,11 @@ def step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor | None) ->
     module(x).backward(grad)
 
 
-def time_interleaved(fns: dict[str, callable], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = CLOCKS["wall"]
+
+
+def time_interleaved(fns: dict[str, callable], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
     """Run every fn once per round, rotating the order each round; returns the times of each."""
     names = list(fns)
     for _ in range(warmup):
@@ -143,9 +147,9 @@ def time_interleaved(fns: dict[str, callable], rounds: int, warmup: int = 2) -> 
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(CLOCK() - t0)
     return times
 
 
@@ -269,6 +273,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 7, quick 3)")
     parser.add_argument("--only", choices=["main", "scaling", "memory", "routers"], action="append",
                         help="run only these sections (repeatable)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default) or cpu: process CPU time, for a busy shared machine with --threads 1, "
+                        "where wall time measures the other processes; with more threads it counts spinning threads")
     parser.add_argument("--no-hf", action="store_true", help="leave out the transformers columns")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -280,16 +287,19 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
     rounds = args.rounds or (3 if args.quick else 7)
     sections = set(args.only or ["main", "scaling", "memory", "routers"])
     hf_note = "disabled by --no-hf" if args.no_hf else hf_available()
     hf = hf_note is None
     T = args.tokens
     report: dict = {
-        "torch": torch.__version__, "threads": args.threads, "tokens": T, "d_model": D_MODEL, "rounds": rounds,
+        "torch": torch.__version__, "threads": args.threads, "clock": args.clock, "tokens": T, "d_model": D_MODEL, "rounds": rounds,
         "hf_note": hf_note,
     }
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, T={T}, d_model={D_MODEL}, {rounds} rounds"
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, fp32, T={T}, d_model={D_MODEL}, "
+          f"{rounds} rounds"
           + ("" if hf else f"; transformers columns skipped: {hf_note}"))
     names = ["routelab", "dense"] + (["hf_eager", "hf_grouped_mm"] if hf else [])
     cols = [f"{mode}:{n}" for mode in ("fwd_bwd", "fwd") for n in names if n != "dense"]
