@@ -116,7 +116,7 @@ def check_outputs_match(variants: dict[str, torch.nn.Module], T: int) -> dict[st
         diffs = {name: float((m(x) - ref).abs().max()) for name, m in variants.items() if name.startswith("hf_")}
     for name, diff in diffs.items():
         if diff > 1e-4:
-            raise AssertionError(f"{name} output differs from routelab's by {diff:.2e}; the weights are not loaded right")
+            raise AssertionError(f"{name} output differs from routelab's by {diff:.2e}: weights not loaded right")
     return diffs
 
 
@@ -295,7 +295,8 @@ def main() -> None:
     hf = hf_note is None
     T = args.tokens
     report: dict = {
-        "torch": torch.__version__, "threads": args.threads, "clock": args.clock, "tokens": T, "d_model": D_MODEL, "rounds": rounds,
+        "torch": torch.__version__, "threads": args.threads, "clock": args.clock, "tokens": T, "d_model": D_MODEL,
+        "rounds": rounds,
         "hf_note": hf_note,
     }
     print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, fp32, T={T}, d_model={D_MODEL}, "

@@ -62,7 +62,9 @@ class SwiGLUExperts(nn.Module):
         # gradient per expert (SelectBackward), while UnbindBackward stacks the per-expert gradients once.
         slices = rows_SD.split(group_sizes_E.tolist())
         gate_up_E, down_E = self.w_gate_up.unbind(0), self.w_down.unbind(0)
-        outputs = [self.expert(rows_ND, gate_up_E[e], down_E[e]) for e, rows_ND in enumerate(slices) if rows_ND.shape[0]]
+        outputs = [
+            self.expert(rows_ND, gate_up_E[e], down_E[e]) for e, rows_ND in enumerate(slices) if rows_ND.shape[0]
+        ]
         if not outputs:
             return rows_SD.new_zeros(0, self.d_model)
         return torch.cat(outputs)
