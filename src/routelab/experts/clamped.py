@@ -16,8 +16,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from routelab.experts.base import ExpertBank
 
-class ClampedSwiGLUExperts(nn.Module):
+
+class ClampedSwiGLUExperts(ExpertBank):
     """E independent clamped-SwiGLU MLPs with biases, stored as 3-D weights (same interface as `SwiGLUExperts`).
 
     w_gate_up [E, D, 2F], b_gate_up [E, 2F], w_down [E, F, D], b_down [E, D].

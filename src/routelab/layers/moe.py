@@ -10,7 +10,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from routelab.dispatch.permute import combine, permute
+from routelab.dispatch.permute import make_plan
+from routelab.experts.base import ExpertBank
 from routelab.experts.gated import GatedSharedExpert
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice
@@ -27,8 +28,8 @@ class MoELayer(nn.Module):
     shared_experts:  n ≥ 0 always-on experts, run as one SwiGLU MLP of width n·d_ff.
     shared_d_ff:     width of that shared MLP when it is not n·d_ff (Qwen2-MoE); needs shared_experts ≥ 1.
     shared_expert_gate: scale the shared output per token by sigmoid(x·w) (Qwen2-MoE's `GatedSharedExpert`).
-    experts:         a prebuilt routed expert bank (any module with `num_experts` and `forward(rows_SD,
-                     group_sizes_E)`, e.g. `ClampedSwiGLUExperts` for gpt-oss); default a `SwiGLUExperts` bank.
+    experts:         a prebuilt routed expert bank (an `ExpertBank`, e.g. `ClampedSwiGLUExperts` for gpt-oss);
+                     default a `SwiGLUExperts` bank.
     erc_loss_coef:   c ≥ 0; in training mode, adds c·ERC loss (routing/erc.py) to the aux losses as "erc".
     erc_alpha:       the ERC loss's α (default 1.0).
 
@@ -45,7 +46,7 @@ class MoELayer(nn.Module):
         activation: str = "swiglu",
         shared_d_ff: int | None = None,
         shared_expert_gate: bool = False,
-        experts: nn.Module | None = None,
+        experts: ExpertBank | None = None,
         erc_loss_coef: float = 0.0,
         erc_alpha: float = 1.0,
     ) -> None:
@@ -63,10 +64,11 @@ class MoELayer(nn.Module):
             not isinstance(shared_d_ff, int) or isinstance(shared_d_ff, bool) or shared_d_ff < 1
         ):
             raise ValueError(f"shared_d_ff must be None or a positive integer, got {shared_d_ff!r}")
-        if experts is not None and getattr(experts, "num_experts", None) != router.num_experts:
+        if experts is not None and not isinstance(experts, ExpertBank):
+            raise TypeError(f"experts must be a routelab ExpertBank, got {type(experts).__name__}")
+        if experts is not None and experts.num_experts != router.num_experts:
             raise ValueError(
-                f"experts.num_experts={getattr(experts, 'num_experts', None)!r} does not match "
-                f"router.num_experts={router.num_experts}"
+                f"experts.num_experts={experts.num_experts} does not match router.num_experts={router.num_experts}"
             )
         check_erc_options(router, erc_loss_coef, erc_alpha)
         self.erc_loss_coef, self.erc_alpha = float(erc_loss_coef), float(erc_alpha)
@@ -100,10 +102,10 @@ class MoELayer(nn.Module):
             erc = self.erc_loss_coef * layer_erc_loss(self, self.erc_alpha)
             decision = dataclasses.replace(decision, aux_losses={**decision.aux_losses, "erc": erc})
         self.last_decision = decision.detached()
-        rows_SD, group_sizes_E, plan = permute(x_TD, decision)
-        y_TD = combine(self.experts(rows_SD, group_sizes_E), plan)
+        plan = make_plan(decision)  # permute: assignments sorted by expert
+        y_TD = self.experts.routed(x_TD, plan)  # gather rows → experts → weighted combine, in one pass
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD, group_sizes_E.new_tensor([x_TD.shape[0]]))
+            y_TD = y_TD + self.shared_experts(x_TD, plan.group_sizes_E.new_tensor([x_TD.shape[0]]))
         return y_TD.reshape(x.shape), decision
 
     def extra_repr(self) -> str:

@@ -47,9 +47,18 @@ def check_number(
         raise ValueError(f"{name} must be a number {rng}, got {value!r}")
 
 
-def top_indices(values_TE: Tensor, k: int, dim: int = -1) -> Tensor:
-    """Indices of the k largest entries along `dim`; ties go to the lower index (a stable sort, unlike torch.topk)."""
-    return torch.sort(values_TE, dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+def top_indices(values_TE: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries per row; ties go to the lower index (a stable sort, unlike torch.topk)."""
+    # NOTE: torch.topk is 3-4x faster than the full stable sort on CPU (E=64..256) but breaks ties arbitrarily.
+    # In a row where no two of the k+1 largest values are equal, the top k and their order are unique, so topk's
+    # answer is the stable sort's; only the rows with such a tie are sorted.
+    top = values_TE.topk(min(k + 1, values_TE.shape[-1]), dim=-1)
+    index_TK = top.indices[:, :k]
+    tied_T = (top.values[:, 1:] == top.values[:, :-1]).any(dim=-1)
+    if bool(tied_T.any()):
+        index_TK = index_TK.clone()
+        index_TK[tied_T] = torch.sort(values_TE[tied_T], dim=-1, descending=True, stable=True).indices[:, :k]
+    return index_TK
 
 
 def mix64(*values: int) -> int:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from routelab.routing._util import top_indices
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
 from routelab.routing.capacity import DROP_POLICIES, expert_capacity, within_capacity
 from routelab.routing.losses import router_z_loss, switch_balance_loss
@@ -249,11 +250,11 @@ class TopKRouter(Router):
                 group_TG = grouped_TGX.amax(dim=-1)
             else:
                 group_TG = grouped_TGX.topk(2, dim=-1).values.sum(dim=-1)
-            kept_TG = _top_indices(group_TG, self.topk_group)
+            kept_TG = top_indices(group_TG, self.topk_group)
             keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, kept_TG, True)
             # Masked experts are excluded with -inf, never 0: biased scores can be negative, and a zero would win.
             choice_TE = grouped_TGX.masked_fill(~keep_TG[..., None], float("-inf")).view(T, self.num_experts)
-        return _top_indices(choice_TE, self.k)
+        return top_indices(choice_TE, self.k)
 
     # -- balancing state ----------------------------------------------------------------------------------------
 
@@ -294,8 +295,3 @@ class TopKRouter(Router):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}, score={self.score}, normalize={self.normalize}, balance={self.balance}"
-
-
-def _top_indices(values_TE: Tensor, k: int) -> Tensor:
-    """Indices of the k largest entries per row; ties go to the lower index (a stable sort, unlike torch.topk)."""
-    return torch.sort(values_TE, dim=-1, descending=True, stable=True).indices[:, :k]

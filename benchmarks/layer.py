@@ -1,0 +1,341 @@
+"""MoELayer (top-k) against the dense SwiGLU MLP with the same active FLOPs, and against Hugging Face transformers'
+Qwen3-MoE sparse block (experts implementations `eager` and `grouped_mm`) loaded with the same weights.
+
+    ./dev.sh python benchmarks/layer.py            # full table (several minutes), JSON to benchmarks/results/layer.json
+    ./dev.sh python benchmarks/layer.py --quick    # fewer repetitions and shapes
+
+Everything is fp32 on the CPU with `--threads` (default 2) intra-op threads. Every number is a ratio to the dense
+baseline measured in the same process: the variants run interleaved (round-robin, rotating the order each round),
+and each ratio is the median over rounds of (variant time / dense time in that round), which cancels slow drifts in
+machine load. The dense baseline is `silu(x W_gate) * (x W_up) W_down` of width k·d_ff, plain autograd.
+
+Memory: each variant runs fwd+bwd once in a fresh subprocess (with glibc's mmap threshold lowered so freed memory
+goes back to the OS and the resident set tracks live tensors). Peak activation memory = peak RSS of the pass (the
+peak is reset through /proc/self/clear_refs just before it) − RSS just before the pass (parameters, input and
+upstream gradient already resident) − the bytes of the parameter gradients. Linux only.
+
+Router overhead: every registered router (`routelab.list_routers()`, default options, E=64) timed alone in training
+mode, as a fraction of the time of the whole top-k MoELayer forward (E=64, k=8, d_ff=256) measured in the same rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import routelab
+
+D_MODEL = 512
+MAIN_SHAPES = [(8, 2, 256), (64, 8, 256), (128, 8, 128)]  # (E, k, d_ff)
+SCALING_K, SCALING_F = 8, 128  # E grows at fixed k·d_ff = 1024
+SCALING_E = [8, 32, 128, 256]
+RESULTS = Path(__file__).parent / "results" / "layer.json"
+
+
+# -- the variants ---------------------------------------------------------------------------------------------------
+
+
+class DenseSwiGLU(torch.nn.Module):
+    """The physical limit: one SwiGLU MLP of width k·d_ff, plain autograd."""
+
+    def __init__(self, d_model: int, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.w_gate_up = torch.nn.Parameter(torch.randn(d_model, 2 * width) / d_model**0.5)
+        self.w_down = torch.nn.Parameter(torch.randn(width, d_model) / width**0.5)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        h = x_TD @ self.w_gate_up
+        return (F.silu(h[:, : self.width]) * h[:, self.width :]) @ self.w_down
+
+
+def build_routelab(E: int, k: int, d_ff: int, seed: int = 0) -> routelab.MoELayer:
+    torch.manual_seed(seed)
+    router = routelab.create_router("topk", d_model=D_MODEL, num_experts=E, k=k)
+    return routelab.MoELayer(D_MODEL, d_ff, router)
+
+
+class HFBlock(torch.nn.Module):
+    """transformers' Qwen3MoeSparseMoeBlock on [T, D] input, with the routelab layer's weights."""
+
+    def __init__(self, layer: routelab.MoELayer, implementation: str) -> None:
+        super().__init__()
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+        E, k = layer.router.num_experts, layer.router.k
+        config = Qwen3MoeConfig(
+            hidden_size=D_MODEL, moe_intermediate_size=layer.d_ff, num_experts=E, num_experts_per_tok=k,
+            norm_topk_prob=k > 1, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+            intermediate_size=4 * D_MODEL, vocab_size=128,
+        )
+        config._experts_implementation = implementation
+        self.block = Qwen3MoeSparseMoeBlock(config)
+        with torch.no_grad():
+            self.block.gate.weight.copy_(layer.router.gate.weight)
+            self.block.experts.gate_up_proj.copy_(layer.experts.w_gate_up.transpose(1, 2))
+            self.block.experts.down_proj.copy_(layer.experts.w_down.transpose(1, 2))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.block(x_TD[None])[0]
+
+
+def hf_available() -> str | None:
+    """None when transformers' Qwen3-MoE block can be imported, else the reason it cannot."""
+    try:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means: skip these columns
+        return f"transformers not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def build_variants(E: int, k: int, d_ff: int, hf: bool) -> dict[str, torch.nn.Module]:
+    layer = build_routelab(E, k, d_ff)
+    torch.manual_seed(1)
+    variants: dict[str, torch.nn.Module] = {"dense": DenseSwiGLU(D_MODEL, k * d_ff), "routelab": layer}
+    if hf:
+        for impl in ("eager", "grouped_mm"):
+            variants[f"hf_{impl}"] = HFBlock(layer, impl)
+    return variants
+
+
+def check_outputs_match(variants: dict[str, torch.nn.Module], T: int) -> dict[str, float]:
+    """Max abs difference of each HF block's output from routelab's, on the same input (must be ~1e-5)."""
+    x = torch.randn(T, D_MODEL, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = variants["routelab"](x)
+        diffs = {name: float((m(x) - ref).abs().max()) for name, m in variants.items() if name.startswith("hf_")}
+    for name, diff in diffs.items():
+        if diff > 1e-4:
+            raise AssertionError(f"{name} output differs from routelab's by {diff:.2e}: weights not loaded right")
+    return diffs
+
+
+# -- timing ---------------------------------------------------------------------------------------------------------
+
+
+def step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """One forward (grad is None: under no_grad) or forward + backward."""
+    if grad is None:
+        with torch.no_grad():
+            module(x)
+        return
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    module(x).backward(grad)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = CLOCKS["wall"]
+
+
+def time_interleaved(fns: dict[str, callable], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run every fn once per round, rotating the order each round; returns the times of each."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = CLOCK()
+            fns[name]()
+            times[name].append(CLOCK() - t0)
+    return times
+
+
+def ratios_to(times: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
+    """Median over rounds of time/base-time, with the median absolute time (ms) of each variant."""
+    out = {}
+    for name, ts in times.items():
+        per_round = [t / b for t, b in zip(ts, times[base])]
+        out[name] = {"ratio": statistics.median(per_round), "ms": 1e3 * statistics.median(ts)}
+    return out
+
+
+def time_shape(E: int, k: int, d_ff: int, T: int, rounds: int, hf: bool) -> dict:
+    variants = build_variants(E, k, d_ff, hf)
+    diffs = check_outputs_match(variants, 256) if hf else {}
+    x = torch.randn(T, D_MODEL, requires_grad=True)
+    grad = torch.randn(T, D_MODEL)
+    result = {"E": E, "k": k, "d_ff": d_ff, "T": T, "hf_max_abs_diff": diffs}
+    for mode, g in (("fwd_bwd", grad), ("fwd", None)):
+        fns = {name: (lambda m=m: step(m, x, g)) for name, m in variants.items()}
+        result[mode] = ratios_to(time_interleaved(fns, rounds), "dense")
+    return result
+
+
+# -- memory ---------------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> None:
+    """Linux ≥ 4.0: make the peak resident set size (VmHWM) restart from the current one."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def memory_child(E: int, k: int, d_ff: int, T: int, name: str) -> None:
+    """In a fresh process: the peak activation bytes of one fwd+bwd of variant `name`, printed as JSON."""
+    torch.set_num_threads(int(os.environ.get("ROUTELAB_BENCH_THREADS", "2")))
+    module = build_variants(E, k, d_ff, hf=name.startswith("hf_"))[name]
+    step(module, torch.randn(64, D_MODEL, requires_grad=True), torch.randn(64, D_MODEL))  # load every code path
+    module.zero_grad(set_to_none=True)
+    x = torch.randn(T, D_MODEL, requires_grad=True)
+    grad = torch.randn(T, D_MODEL)
+    before = _rss_bytes()
+    _reset_peak_rss()
+    module(x).backward(grad)
+    peak = _peak_rss_bytes()
+    grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    print(json.dumps({"peak_activation_bytes": peak - before - grad_bytes}))
+
+
+def measure_memory(E: int, k: int, d_ff: int, T: int, names: list[str], threads: int) -> dict[str, float]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", ROUTELAB_BENCH_THREADS=str(threads))
+    out = {}
+    for name in names:
+        args = [sys.executable, __file__, "--memory-child", f"{E},{k},{d_ff},{T},{name}"]
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_activation_bytes"]
+    return out
+
+
+# -- router overhead ------------------------------------------------------------------------------------------------
+
+
+def router_overhead(T: int, rounds: int) -> list[dict]:
+    E, k, d_ff = 64, 8, 256
+    layer = build_routelab(E, k, d_ff)
+    x = torch.randn(T, D_MODEL)
+    fns = {"layer": lambda: step(layer, x, None)}
+    rows = []
+    for name in routelab.list_routers():
+        try:
+            router = routelab.create_router(name, d_model=D_MODEL, num_experts=E)
+            router.train()
+            ctx = routelab.RoutingContext(
+                token_ids=torch.randint(0, 50_000, (1, T)), batch_shape=(1, T), layer_index=0, step=0
+            )
+            router(x, ctx)
+        except Exception as exc:  # noqa: BLE001 - a router that cannot run here is listed with the reason
+            rows.append({"router": name, "note": f"skipped: {type(exc).__name__}: {exc}"})
+            continue
+        fns[name] = lambda r=router, c=ctx: r(x, c)
+    times = ratios_to(time_interleaved(fns, rounds), "layer")
+    for name, t in times.items():
+        if name != "layer":
+            rows.append({"router": name, "ms": t["ms"], "fraction_of_layer": t["ratio"]})
+    rows.append({"router": "(layer: topk E=64 k=8 d_ff=256, forward)", "ms": times["layer"]["ms"]})
+    return rows
+
+
+# -- the report -----------------------------------------------------------------------------------------------------
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    print(f"\n{title}")
+    header = ["shape", *columns]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [f"E={row['E']}, k={row['k']}, d_ff={row['d_ff']}"]
+        for col in columns:
+            mode, name = col.split(":")
+            v = row[mode].get(name)
+            cells.append("—" if v is None else f"{v['ratio']:.2f}× ({v['ms']:.0f} ms)")
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and shapes (a smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 7, quick 3)")
+    parser.add_argument("--only", choices=["main", "scaling", "memory", "routers"], action="append",
+                        help="run only these sections (repeatable)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default) or cpu: process CPU time, for a busy shared machine with --threads 1, "
+                        "where wall time measures the other processes; with more threads it counts spinning threads")
+    parser.add_argument("--no-hf", action="store_true", help="leave out the transformers columns")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.memory_child:
+        E, k, d_ff, T, name = args.memory_child.split(",")
+        memory_child(int(E), int(k), int(d_ff), int(T), name)
+        return
+
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
+    rounds = args.rounds or (3 if args.quick else 7)
+    sections = set(args.only or ["main", "scaling", "memory", "routers"])
+    hf_note = "disabled by --no-hf" if args.no_hf else hf_available()
+    hf = hf_note is None
+    T = args.tokens
+    report: dict = {
+        "torch": torch.__version__, "threads": args.threads, "clock": args.clock, "tokens": T, "d_model": D_MODEL,
+        "rounds": rounds,
+        "hf_note": hf_note,
+    }
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, fp32, T={T}, d_model={D_MODEL}, "
+          f"{rounds} rounds"
+          + ("" if hf else f"; transformers columns skipped: {hf_note}"))
+    names = ["routelab", "dense"] + (["hf_eager", "hf_grouped_mm"] if hf else [])
+    cols = [f"{mode}:{n}" for mode in ("fwd_bwd", "fwd") for n in names if n != "dense"]
+
+    if "main" in sections:
+        shapes = MAIN_SHAPES[1:2] if args.quick else MAIN_SHAPES
+        report["main"] = [time_shape(E, k, f, T, rounds, hf) for E, k, f in shapes]
+        print_table("Time as a ratio to dense (k·d_ff wide), median over rounds", report["main"], cols)
+    if "scaling" in sections:
+        es = SCALING_E[::3] if args.quick else SCALING_E
+        report["scaling"] = [time_shape(E, SCALING_K, SCALING_F, T, rounds, False) for E in es]
+        print_table(f"E grows at k={SCALING_K}, d_ff={SCALING_F} (routelab only)", report["scaling"],
+                    ["fwd_bwd:routelab", "fwd:routelab"])
+    if "memory" in sections:
+        E, k, f = 64, 8, 256
+        mem = measure_memory(E, k, f, T, names, args.threads)
+        report["memory"] = {"E": E, "k": k, "d_ff": f, "peak_activation_bytes": mem}
+        print(f"\nPeak activation memory of fwd+bwd, E={E}, k={k}, d_ff={f} (peak RSS − RSS before − grad bytes)")
+        for name, b in mem.items():
+            print(f"  {name:14s} {b / 2**20:8.1f} MiB  {b / mem['dense']:.2f}× dense")
+    if "routers" in sections:
+        report["routers"] = router_overhead(T, rounds)
+        print("\nRouter decision time (training-mode forward, default options, E=64) / top-k layer forward")
+        for row in report["routers"]:
+            if "note" in row:
+                print(f"  {row['router']:20s} {row['note']}")
+            elif "fraction_of_layer" in row:
+                print(f"  {row['router']:20s} {row['ms']:7.1f} ms  {100 * row['fraction_of_layer']:5.1f} %")
+            else:
+                print(f"  {row['router']} {row['ms']:.1f} ms")
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
