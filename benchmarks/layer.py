@@ -14,8 +14,10 @@ goes back to the OS and the resident set tracks live tensors). Peak activation m
 peak is reset through /proc/self/clear_refs just before it) − RSS just before the pass (parameters, input and
 upstream gradient already resident) − the bytes of the parameter gradients. Linux only.
 
-Router overhead: every registered router (`routelab.list_routers()`, default options, E=64) timed alone in training
-mode, as a fraction of the time of the whole top-k MoELayer forward (E=64, k=8, d_ff=256) measured in the same rounds.
+Router overhead: every registered router (`routelab.list_routers()`, default options — plus the options a router
+requires, from REQUIRED_OPTIONS — E=64) timed alone in training mode on the T tokens as sequences of SEQ_LEN (the
+context sequence-scoped routers read), as a fraction of the time of the whole top-k MoELayer forward (E=64, k=8,
+d_ff=256) measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -222,6 +224,11 @@ def measure_memory(E: int, k: int, d_ff: int, T: int, names: list[str], threads:
 # -- router overhead ------------------------------------------------------------------------------------------------
 
 
+# Routers with options that have no default get these in the overhead table.
+REQUIRED_OPTIONS = {"null_experts": {"num_null_experts": 8, "k": 8}}
+SEQ_LEN = 512
+
+
 def router_overhead(T: int, rounds: int) -> list[dict]:
     E, k, d_ff = 64, 8, 256
     layer = build_routelab(E, k, d_ff)
@@ -230,10 +237,11 @@ def router_overhead(T: int, rounds: int) -> list[dict]:
     rows = []
     for name in routelab.list_routers():
         try:
-            router = routelab.create_router(name, d_model=D_MODEL, num_experts=E)
+            router = routelab.create_router(name, d_model=D_MODEL, num_experts=E, **REQUIRED_OPTIONS.get(name, {}))
             router.train()
+            batch_shape = (T // SEQ_LEN, SEQ_LEN) if T % SEQ_LEN == 0 else (1, T)
             ctx = routelab.RoutingContext(
-                token_ids=torch.randint(0, 50_000, (1, T)), batch_shape=(1, T), layer_index=0, step=0
+                token_ids=torch.randint(0, 50_000, batch_shape), batch_shape=batch_shape, layer_index=0, step=0
             )
             router(x, ctx)
         except Exception as exc:  # noqa: BLE001 - a router that cannot run here is listed with the reason

@@ -109,11 +109,11 @@ class KMeansRouter(Router):
 
     @torch.no_grad()
     def _accumulate(self, unit_ND: Tensor, expert_NK: Tensor) -> None:
-        N, k = expert_NK.shape
-        flat_expert = expert_NK.reshape(-1)
-        rows = unit_ND.repeat_interleave(k, dim=0).to(self._pending_sum.dtype)
-        self._pending_sum.index_add_(0, flat_expert, rows)
-        self._pending_count += torch.bincount(flat_expert, minlength=self.num_experts).to(self._pending_count.dtype)
+        N = expert_NK.shape[0]
+        # A k-hot [N, E] matrix turns the per-expert sums into one matmul instead of k copies of every row.
+        assign_NE = unit_ND.new_zeros(N, self.num_experts).scatter_(1, expert_NK, 1.0)
+        self._pending_sum += (assign_NE.T @ unit_ND).to(self._pending_sum.dtype)
+        self._pending_count += assign_NE.sum(dim=0).to(self._pending_count.dtype)
         if int(self._sample_count) == 0 and N > 0:  # a few rows of the step's first batch, for init and re-seeding
             n = min(N, self.num_experts)
             picks = torch.linspace(0, N - 1, n, device=unit_ND.device).round().long()
