@@ -107,6 +107,8 @@ def test_layer_with_custom_expert_bank():
     assert bank.b_gate_up.grad is not None
     with pytest.raises(ValueError, match="num_experts"):
         routelab.MoELayer(D, FF, router, experts=ClampedSwiGLUExperts(4, D, FF))
+    with pytest.raises(TypeError, match="experts must be a routelab ExpertBank"):
+        routelab.MoELayer(D, FF, router, experts=torch.nn.Linear(D, D))
 
 
 def test_layer_option_defaults_and_validation():
