@@ -167,3 +167,19 @@ def test_half_precision_model_keeps_router_state_in_full_precision():
     assert int(router._pending_load.sum()) == 900  # exact counts, beyond bf16's 256 integer range
     routelab.update_routers(layer)
     assert set(router.expert_bias.abs().tolist()) <= {0.0, torch.tensor(1e-3).item()}
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(aux_loss_coef=float("nan")), "aux_loss_coef"),
+        (dict(aux_loss_coef=True), "aux_loss_coef"),
+        (dict(z_loss_coef=float("inf")), "z_loss_coef"),
+        (dict(scaling=float("nan")), "scaling"),
+        (dict(capacity_factor=float("inf")), "capacity_factor"),
+        (dict(bip_iters=2.0), "bip_iters"),
+    ],
+)
+def test_topk_rejects_non_finite_and_bool_numbers(options, match):
+    with pytest.raises(ValueError, match=match):
+        routelab.create_router("topk", d_model=4, num_experts=8, **options)

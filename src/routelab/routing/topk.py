@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import top_indices
+from routelab.routing._util import check_int, check_number, top_indices
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
 from routelab.routing.capacity import DROP_POLICIES, expert_capacity, within_capacity
 from routelab.routing.losses import router_z_loss, switch_balance_loss
@@ -103,22 +103,20 @@ class TopKRouter(Router):
         if group_score is None:
             group_score = "max" if balance == "none" else "top2_sum"
         check_choice("group_score", group_score, GROUP_SCORES)
+        # Finite, not bool: a NaN coefficient would silently disable its loss (nan > 0 is False).
         for name, value in (
             ("aux_loss_coef", aux_loss_coef),
             ("z_loss_coef", z_loss_coef),
             ("bias_update_rate", bias_update_rate),
             ("jitter", jitter),
         ):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            check_number(name, value, low=0)
         if jitter >= 1:
             raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
-        if not isinstance(scaling, (int, float)) or scaling <= 0:
-            raise ValueError(f"scaling must be a number > 0, got {scaling!r}")
-        if capacity_factor is not None and (not isinstance(capacity_factor, (int, float)) or capacity_factor <= 0):
-            raise ValueError(f"capacity_factor must be None (dropless) or a number > 0, got {capacity_factor!r}")
-        if not isinstance(bip_iters, int) or bip_iters < 1:
-            raise ValueError(f"bip_iters must be a positive integer, got {bip_iters!r}")
+        check_number("scaling", scaling, low=0, open_low=True)
+        if capacity_factor is not None:
+            check_number("capacity_factor (None for dropless)", capacity_factor, low=0, open_low=True)
+        check_int("bip_iters", bip_iters, 1)
         if (n_group is None) != (topk_group is None):
             raise ValueError(f"n_group and topk_group must be set together, got n_group={n_group!r}, topk_group={topk_group!r}")
         if n_group is not None:
