@@ -107,6 +107,10 @@ def test_layer_with_custom_expert_bank():
     assert bank.b_gate_up.grad is not None
     with pytest.raises(ValueError, match="num_experts"):
         routelab.MoELayer(D, FF, router, experts=ClampedSwiGLUExperts(4, D, FF))
+    with pytest.raises(ValueError, match="experts.d_model=12 does not match the layer's d_model"):
+        routelab.MoELayer(D, FF, router, experts=ClampedSwiGLUExperts(3, 12, FF))
+    with pytest.raises(ValueError, match="experts.d_ff"):
+        routelab.MoELayer(D, FF, router, experts=ClampedSwiGLUExperts(3, D, FF + 1))
     with pytest.raises(TypeError, match="experts must be a routelab ExpertBank"):
         routelab.MoELayer(D, FF, router, experts=torch.nn.Linear(D, D))
 

@@ -66,10 +66,12 @@ class MoELayer(nn.Module):
             raise ValueError(f"shared_d_ff must be None or a positive integer, got {shared_d_ff!r}")
         if experts is not None and not isinstance(experts, ExpertBank):
             raise TypeError(f"experts must be a routelab ExpertBank, got {type(experts).__name__}")
-        if experts is not None and experts.num_experts != router.num_experts:
-            raise ValueError(
-                f"experts.num_experts={experts.num_experts} does not match router.num_experts={router.num_experts}"
-            )
+        if not isinstance(d_ff, int) or isinstance(d_ff, bool) or d_ff < 1:
+            raise ValueError(f"d_ff must be a positive integer, got {d_ff!r}")
+        if experts is not None:
+            for name, want in (("num_experts", router.num_experts), ("d_model", d_model), ("d_ff", d_ff)):
+                if getattr(experts, name) != want:
+                    raise ValueError(f"experts.{name}={getattr(experts, name)} does not match the layer's {name}={want}")
         check_erc_options(router, erc_loss_coef, erc_alpha)
         self.erc_loss_coef, self.erc_alpha = float(erc_loss_coef), float(erc_alpha)
         self.d_model, self.d_ff = d_model, d_ff
