@@ -52,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.steps < 1:
             parser.error(f"--steps must be >= 1, got {args.steps}")
-        print_demo(run_demo(router=args.router, steps=args.steps, num_experts=args.experts, k=args.k))
+        try:
+            stats = run_demo(router=args.router, steps=args.steps, num_experts=args.experts, k=args.k)
+        except ValueError as exc:  # bad router name or option: one clear line, no traceback
+            print(f"routelab demo: error: {exc}", file=sys.stderr)
+            return 2
+        print_demo(stats)
         return 0
     if args.command == "compare":
         return run_compare_command(args)
