@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import routelab
+from routelab.routing._util import unit_interval
 from routelab.routing.sinkhorn import sinkhorn_plan
 
 
@@ -110,12 +111,14 @@ def test_branch_is_a_function_of_seed_step_layer():
     assert branches != [c.transport_branch(ctx) for ctx in ctxs]
     assert 0.25 < sum(branches) / len(branches) < 0.35
     assert [a.transport_branch(ctx) for ctx in ctxs[:6]] == branches[:6]  # no hidden state consumed
-    # without a step, the router's own count of training forwards decides
+    # without a step, the router's own count of optimizer steps decides; extra forwards change nothing
     b.gate.weight.data.copy_(a.gate.weight.data)
     x = torch.randn(8, 8)
     for _ in range(5):
-        a(x), b(x)
-    assert int(a.forward_count) == 5
+        a(x), a(x), b(x)
+        routelab.update_routers(a), routelab.update_routers(b)
+    assert int(a.step_count) == 5
+    assert a.transport_branch(None) == (unit_interval(1, 5, 0) < 0.3)
     assert torch.equal(a(x).weight, b(x).weight)
 
 

@@ -17,7 +17,8 @@ Algorithm (fp32, log domain, on detached costs):
     balanced=True (BASE-style, k = 1): round Π greedily (largest entries first) to at most ceil(n/E) tokens per
     expert, exactly n/E when E divides n.
 The branch is a deterministic function of (seed, ctx.step, ctx.layer_index); without ctx.step, of the router's own
-count of training forwards (the `forward_count` buffer). Padding is outside the marginals and never assigned.
+count of optimizer steps (the `step_count` buffer, advanced by `routelab.update_routers` after training forwards), so
+that gradient accumulation and extra no-grad forwards do not change which branch a step takes. Padding is outside the marginals and never assigned.
 
 Options (keyword-only) and defaults: k=2, p=0.01, xi=0.05, max_iter=100, tol=1e-4, cost="softmax",
 gate_from="plan", balanced=False, seed=0. No balance loss.
@@ -131,7 +132,8 @@ class SinkhornRouter(Router):
         self.normalize = "selected" if k > 1 else "none"
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model**-0.5)
-        self.register_buffer("forward_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("_stepped", torch.zeros((), dtype=torch.bool), persistent=False)
         self.causal = self.p == 0 or not self.training
 
     def train(self, mode: bool = True) -> SinkhornRouter:
@@ -140,11 +142,18 @@ class SinkhornRouter(Router):
         self.causal = self.p == 0 or not mode
         return self
 
+    @torch.no_grad()
+    def apply_updates(self) -> None:
+        # Counts optimizer steps that had training forwards, so eval-only calls leave the state as it was.
+        if bool(self._stepped):
+            self.step_count += 1
+            self._stepped.fill_(False)
+
     def transport_branch(self, ctx: RoutingContext | None) -> bool:
         """Whether this forward routes by transport: a deterministic function of (seed, step, layer)."""
         if not self.training or self.p == 0:
             return False
-        step = ctx.step if ctx is not None and ctx.step is not None else int(self.forward_count)
+        step = ctx.step if ctx is not None and ctx.step is not None else int(self.step_count)
         layer = ctx.layer_index if ctx is not None and ctx.layer_index is not None else 0
         return unit_interval(self.seed, step, layer) < self.p
 
@@ -155,8 +164,8 @@ class SinkhornRouter(Router):
         scores_TE = logits_TE.softmax(dim=-1)
         real_T = real_mask(ctx, T, x_TD.device)
         transport = self.transport_branch(ctx)
-        if self.training:
-            self.forward_count += 1
+        if self.training and torch.is_grad_enabled():
+            self._stepped.fill_(True)
 
         if not transport:
             token_S, expert_S, weight_S = top_k_choices(scores_TE, k, real_T, renormalize=self.normalize == "selected")
