@@ -14,6 +14,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible: no empty file after a crash
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
