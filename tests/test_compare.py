@@ -118,3 +118,63 @@ def test_unregistered_routers_in_a_preset_are_skipped_with_a_note(tmp_path):
     assert notes == ["skipping variant 'future': router 'not_yet_written' is not registered in this installation"]
     with pytest.raises(ConfigError, match="unknown router 'not_yet_written'"):
         resolve(preset="smoke", config_file=cfg_file, routers=["not_yet_written"])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_never_reuses_results_or_checkpoints_of_a_different_run(tmp_path, monkeypatch, capsys):
+    import routelab.compare.runner as runner
+
+    def compare(out, seed, *more):
+        return main(["compare", "--preset", "smoke", "--routers", "topk,hash", "--steps", "3", "--seed", str(seed),
+                     "--out", str(out), "--quiet", *more])
+
+    def val_losses(out):
+        return {v["name"]: v["val_loss"] for v in json.loads((out / "results.json").read_text())["variants"]}
+
+    out, fresh = tmp_path / "report", tmp_path / "fresh"
+    assert compare(fresh, 1) == 0  # the expected seed-1 numbers, from a folder nothing else touched
+    assert compare(out, 0) == 0
+    seed0 = val_losses(out)
+    assert seed0 != val_losses(fresh)
+
+    real = runner.run_variant
+
+    def interrupt_before_hash(cfg, variant, *args, **kwargs):
+        if variant["name"] == "hash":
+            raise Interrupted
+        return real(cfg, variant, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_variant", interrupt_before_hash)
+    with pytest.raises(Interrupted):
+        compare(out, 1)  # a fresh run with seed 1, stopped after topk
+    monkeypatch.setattr(runner, "run_variant", real)
+    assert not (out / "variants" / "hash").exists()  # the seed-0 hash result was removed by the fresh run
+    assert compare(out, 1, "--resume") == 0
+    assert val_losses(out) == val_losses(fresh)
+
+    # a result stored for another configuration (or without a hash) is retrained, with a note
+    result_path = out / "variants" / "hash" / "result.json"
+    stored = json.loads(result_path.read_text())
+    result_path.write_text(json.dumps({**stored, "variant_hash": "0" * 64, "val_loss": 99.0}))
+    capsys.readouterr()
+    assert compare(out, 1, "--resume") == 0
+    assert val_losses(out) == val_losses(fresh)
+    assert "hash: the stored result was computed with a different configuration" in capsys.readouterr().out
+
+
+def test_resume_reruns_a_variant_that_failed(tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["compare", "--preset", "smoke", "--routers", "topk", "--steps", "3", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    expected = json.loads((out / "results.json").read_text())["variants"][0]["val_loss"]
+    result_path = out / "variants" / "topk" / "result.json"
+    stored = json.loads(result_path.read_text())
+    kept = {k: stored[k] for k in ("name", "router", "options", "k_schedule", "variant_hash") if k in stored}
+    result_path.write_text(json.dumps({**kept, "error": "MemoryError: boom", "wall_seconds": 0.1}))
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())["variants"][0]
+    assert "error" not in again and again["val_loss"] == expected
+    assert "previous attempt failed" in capsys.readouterr().out
