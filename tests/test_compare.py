@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import pytest
@@ -178,3 +179,26 @@ def test_resume_reruns_a_variant_that_failed(tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())["variants"][0]
     assert "error" not in again and again["val_loss"] == expected
     assert "previous attempt failed" in capsys.readouterr().out
+
+
+def test_layer_level_errors_and_bad_numbers_surface_before_training(tmp_path, monkeypatch, capsys):
+    import routelab.models.transformer as transformer
+
+    out = tmp_path / "report"
+    for text, message in [("model: {shared_experts: true}\n", "model.shared_experts must be an integer"),
+                          ("train: {beta1: 1.5}\n", r"train.beta1 must be in \[0, 1\)"),
+                          ("train: {grad_clip: .nan}\n", "train.grad_clip must be a finite number"),
+                          ("data: {val_fraction: .nan}\n", "data.val_fraction must be a number in")]:
+        (tmp_path / "c.yaml").write_text(text)
+        assert main(["compare", "--preset", "smoke", "--config", str(tmp_path / "c.yaml"), "--out", str(out),
+                     "--quiet"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert not out.exists()
+
+    class LayerSaysNo(transformer.MoELayer):
+        def __init__(self, *args, **kwargs):
+            raise ValueError("the layer refuses these options")
+
+    monkeypatch.setattr(transformer, "MoELayer", LayerSaysNo)  # an error only building the whole model finds
+    with pytest.raises(ConfigError, match=r"variants\[0\] \(topk\): the layer refuses these options"):
+        resolve(preset="smoke")

@@ -162,3 +162,21 @@ def test_update_routers_is_called_through_the_model():
     model(torch.randint(0, 97, (2, 8)))
     routelab.update_routers(model)
     assert any(layer.router.expert_bias.abs().sum() > 0 for layer in model.moe_layers)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("shared_experts", True, "model.shared_experts must be an integer >= 0"),
+        ("dense_d_ff", 0, "model.dense_d_ff must be a positive integer or null"),
+        ("dense_d_ff", -8, "model.dense_d_ff must be a positive integer or null"),
+        ("dense_d_ff", 16.5, "model.dense_d_ff must be a positive integer or null"),
+        ("rope_base", float("nan"), "model.rope_base must be a finite number > 0"),
+        ("d_model", True, "model.d_model must be a positive integer"),
+    ],
+)
+def test_model_config_rejects_bools_bad_dense_width_and_non_finite_numbers(field, value, message):
+    cfg = ModelConfig(**{"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 16, "num_experts": 4,
+                         "moe_every": 2, field: value})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()

@@ -150,3 +150,23 @@ def test_atomic_write_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
     _atomic.atomic_write_text(tmp_path / "f.txt", "hello")
     assert (tmp_path / "f.txt").read_text() == "hello"
     assert events[:2] == ["fsync", "replace"]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr", float("nan"), "train.lr must be a finite number"),
+        ("lr", float("inf"), "train.lr must be a finite number"),
+        ("grad_clip", float("nan"), "train.grad_clip must be a finite number"),
+        ("weight_decay", float("-inf"), "train.weight_decay must be a finite number"),
+        ("beta1", 1.5, r"train.beta1 must be in \[0, 1\)"),
+        ("beta2", 1.0, r"train.beta2 must be in \[0, 1\)"),
+        ("min_lr_ratio", 5, r"train.min_lr_ratio must be in \[0, 1\]"),
+        ("lr", True, "train.lr must be a finite number"),
+        ("steps", True, "train.steps must be a positive integer"),
+    ],
+)
+def test_train_config_rejects_non_finite_and_out_of_range_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{**TINY_TRAIN.__dict__, field: value}).validate()
+    TrainConfig(**{**TINY_TRAIN.__dict__, "beta1": 0.0, "min_lr_ratio": 1.0}).validate()  # the bounds themselves

@@ -14,9 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from routelab.models.transformer import ModelConfig
+from routelab.models.transformer import ModelConfig, MoETransformerLM
 from routelab.routing.registry import create_router, list_routers, router_class
 from routelab.train.loop import TrainConfig
 
@@ -122,7 +123,7 @@ def validate(cfg: dict[str, Any]) -> list[str]:
     _int("data.max_chars", data.get("max_chars", 0), 0)
     _int("data.vocab_size", data.get("vocab_size", 4096), 257)
     vf = data.get("val_fraction", 0.1)
-    if not isinstance(vf, (int, float)) or not 0 < vf < 1:
+    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 < vf < 1:
         raise ConfigError(f"data.val_fraction must be a number in (0, 1), got {vf!r}")
     _int("reference_k", cfg.get("reference_k", 2), 1)
     try:
@@ -188,6 +189,8 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
         )
         for opts in per_layer:
             create_router(mc.router, d_model=mc.d_model, num_experts=mc.num_experts, **opts, **shared)
+        with torch.device("meta"):  # the whole model, without memory: layer-level errors surface now
+            MoETransformerLM(mc)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where} ({v['name']}): {exc}") from None
 

@@ -101,8 +101,15 @@ class ModelConfig:
             )
         if self.moe_every > self.n_layers:
             raise ValueError(f"model.moe_every={self.moe_every} exceeds n_layers={self.n_layers}: no MoE layer")
-        if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
+        if not isinstance(self.shared_experts, int) or isinstance(self.shared_experts, bool) or self.shared_experts < 0:
             raise ValueError(f"model.shared_experts must be an integer >= 0, got {self.shared_experts!r}")
+        if self.dense_d_ff is not None and (
+            not isinstance(self.dense_d_ff, int) or isinstance(self.dense_d_ff, bool) or self.dense_d_ff < 1
+        ):
+            raise ValueError(f"model.dense_d_ff must be a positive integer or null (= d_ff), got {self.dense_d_ff!r}")
+        rope = self.rope_base
+        if not isinstance(rope, (int, float)) or isinstance(rope, bool) or not math.isfinite(rope) or rope <= 0:
+            raise ValueError(f"model.rope_base must be a finite number > 0, got {rope!r}")
         router_class(self.router)  # unknown name → ValueError listing the valid ones
         if not isinstance(self.router_options, dict):
             raise ValueError(f"router options must be a mapping, got {self.router_options!r}")

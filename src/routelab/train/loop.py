@@ -61,10 +61,15 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {value!r}")
         for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "beta1", "beta2"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"train.{name} must be a number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+        for name in ("beta1", "beta2"):
+            if not getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
