@@ -202,3 +202,43 @@ def test_layer_level_errors_and_bad_numbers_surface_before_training(tmp_path, mo
     monkeypatch.setattr(transformer, "MoELayer", LayerSaysNo)  # an error only building the whole model finds
     with pytest.raises(ConfigError, match=r"variants\[0\] \(topk\): the layer refuses these options"):
         resolve(preset="smoke")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, extra, message",
+    [
+        ("train: {warmup: x}\n", ["--steps", "5"], "train.warmup must be an integer >= 0, got 'x'"),
+        ("train: {eval_every: x}\n", ["--steps", "5"], "train.eval_every must be a positive integer, got 'x'"),
+        ("train: 5\n", ["--steps", "5"], "train: must be a mapping of .*steps.*, got 5"),
+        ("data: 5\n", ["--data", "a.txt"], "data: must be a mapping of .*source.*, got 5"),
+        ("model: {max_seq_len: abc}\n", [], "model.max_seq_len must be an integer >= 1, got 'abc'"),
+        ("variants: [{router: topk, k_schedule: [1, 2]}]\n", [],
+         r"variants\[0\].k_schedule must be null or a mapping \{shape, k_max, k, match_budget\}, got \[1, 2\]"),
+        ("description: [1]\n", [], "description must be a string"),
+    ],
+)
+def test_malformed_config_values_end_in_one_clear_error(tmp_path, capsys, yaml_text, extra, message):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    out = tmp_path / "report"
+    code = main(["compare", "--preset", "smoke", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--quiet",
+                 *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("routelab compare: error: ") and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_fails_before_loading_data(tmp_path, capsys, monkeypatch):
+    import routelab.compare.runner as runner
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was loaded before --out was checked")
+
+    monkeypatch.setattr(runner, "load_data", no_data)
+    a_file = tmp_path / "taken"
+    a_file.write_text("keep me")
+    for out in (a_file, a_file / "report"):
+        assert main(["compare", "--preset", "smoke", "--routers", "topk", "--steps", "2", "--out", str(out),
+                     "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(r"routelab compare: error: --out.* must be a folder .* is a file", err), err
+    assert a_file.read_text() == "keep me"

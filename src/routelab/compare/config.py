@@ -83,20 +83,22 @@ def resolve(
     cfg = load_preset(preset)
     if config_file is not None:
         cfg = merge(cfg, load_yaml(config_file))
+    _check_sections(cfg)  # before the overrides below read and write the sections
     if data_files:
-        cfg.setdefault("data", {})
         cfg["data"] = merge(cfg["data"], {"source": "files", "files": list(data_files)})
     if steps is not None:
-        if not isinstance(steps, int) or steps < 1:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"--steps must be a positive integer, got {steps!r}")
-        cfg.setdefault("train", {})
-        cfg["train"]["steps"] = steps
-        cfg["train"]["warmup"] = min(cfg["train"].get("warmup", 0), max(0, steps // 10))
-        cfg["train"]["eval_every"] = min(cfg["train"].get("eval_every", steps), steps)
+        train = cfg["train"]
+        train["steps"] = steps
+        # shorten warm-up and the evaluation interval to fit; a value of the wrong type is left for validate()
+        if _is_int(train.get("warmup", 0)):
+            train["warmup"] = min(train.get("warmup", 0), max(0, steps // 10))
+        if _is_int(train.get("eval_every", steps)):
+            train["eval_every"] = min(train.get("eval_every", steps), steps)
     if seed is not None:
-        if not isinstance(seed, int) or seed < 0:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ConfigError(f"--seed must be an integer >= 0, got {seed!r}")
-        cfg.setdefault("train", {})
         cfg["train"]["seed"] = seed
     notes = validate(cfg)
     if routers:  # only the variants asked for matter; an unregistered one among them is an error, raised below
@@ -108,11 +110,9 @@ def resolve(
 def validate(cfg: dict[str, Any]) -> list[str]:
     """Check every field (raising ConfigError naming it); returns notes. Variants whose router is not registered are
     removed with a note, so a preset written for routers not installed still runs with the others."""
-    _fields("config", cfg, TOP_FIELDS)
-    for section, fields in (("data", DATA_FIELDS), ("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"{section}: must be a mapping of {', '.join(sorted(fields))}")
-        _fields(section, cfg[section], fields)
+    _check_sections(cfg)
+    if not isinstance(cfg.get("description", ""), str):
+        raise ConfigError(f"description must be a string, got {cfg['description']!r}")
     data = cfg["data"]
     if data.get("source", "builtin") not in ("builtin", "files"):
         raise ConfigError(f"data.source must be 'builtin' or 'files', got {data.get('source')!r}")
@@ -133,6 +133,7 @@ def validate(cfg: dict[str, Any]) -> list[str]:
         raise ConfigError(str(exc)) from None
     model_base = dict(cfg["model"])
     model_base.setdefault("max_seq_len", train_cfg.seq_len)
+    _int("model.max_seq_len", model_base["max_seq_len"], 1)
     if model_base["max_seq_len"] < train_cfg.seq_len:
         raise ConfigError(
             f"model.max_seq_len={model_base['max_seq_len']} is shorter than train.seq_len={train_cfg.seq_len}"
@@ -163,6 +164,11 @@ def validate(cfg: dict[str, Any]) -> list[str]:
         names.add(v["name"])
         if not isinstance(v["options"], dict):
             raise ConfigError(f"{where}.options must be a mapping of router options, got {v['options']!r}")
+        if v["k_schedule"] is not None and not isinstance(v["k_schedule"], dict):
+            raise ConfigError(
+                f"{where}.k_schedule must be null or a mapping {{shape, k_max, k, match_budget}}, "
+                f"got {v['k_schedule']!r}"
+            )
         if v["router"] not in registered:
             notes.append(
                 f"skipping variant {v['name']!r}: router {v['router']!r} is not registered in this installation"
@@ -223,6 +229,21 @@ def select_variants(cfg: dict[str, Any], routers: list[str] | None) -> list[str]
         chosen.extend(m for m in matches if m not in chosen)
     cfg["variants"] = chosen
     return notes
+
+
+def _check_sections(cfg: dict[str, Any]) -> None:
+    """The configuration is a mapping with known top-level fields, and data, model and train are mappings."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"the configuration must be a mapping of {', '.join(sorted(TOP_FIELDS))}")
+    _fields("config", cfg, TOP_FIELDS)
+    for section, fields in (("data", DATA_FIELDS), ("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"{section}: must be a mapping of {', '.join(sorted(fields))}, got {cfg.get(section)!r}")
+        _fields(section, cfg[section], fields)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fields(where: str, mapping: dict[str, Any], valid: set[str]) -> None:

@@ -84,6 +84,7 @@ def _run_compare(
     from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
 
     out = Path(out_dir)
+    check_out_dir(out)  # before the (slow) data loading
     started = time.perf_counter()
     data = load_data(cfg, cache=cache)
     train_cfg = TrainConfig(**cfg["train"])
@@ -151,6 +152,16 @@ def _run_compare(
     write_report(summary, out)
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
+
+
+def check_out_dir(out: Path) -> None:
+    """Raise a ConfigError when the report folder `out` cannot be created: it, or a parent, is not a folder."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "--out" if path == out else f"--out's parent {path}"
+                raise ConfigError(f"{what} must be a folder (existing or new), but {path} is a file")
+            return
 
 
 def variant_hash(cfg: dict[str, Any], variant: dict[str, Any]) -> str:
