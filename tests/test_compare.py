@@ -242,3 +242,9 @@ def test_out_that_is_a_file_fails_before_loading_data(tmp_path, capsys, monkeypa
         err = capsys.readouterr().err
         assert re.search(r"routelab compare: error: --out.* must be a folder .* is a file", err), err
     assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_checkpoint_during_training_so_resume_continues_a_variant(preset):
+    train = load_preset(preset)["train"]
+    assert 1 <= train.get("checkpoint_every", 0) < train["steps"]
