@@ -248,3 +248,34 @@ def test_out_that_is_a_file_fails_before_loading_data(tmp_path, capsys, monkeypa
 def test_presets_checkpoint_during_training_so_resume_continues_a_variant(preset):
     train = load_preset(preset)["train"]
     assert 1 <= train.get("checkpoint_every", 0) < train["steps"]
+
+
+def test_report_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "report"
+    assert main(["compare", "--preset", "smoke", "--routers", "topk,top_p", "--steps", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    again = tmp_path / "again"
+    again.mkdir()
+    script = (
+        "import json, sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "from routelab.compare.report import write_report\n"
+        "summary = json.loads(open(sys.argv[1]).read())\n"
+        "written = write_report(summary, __import__('pathlib').Path(sys.argv[2]))\n"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules, len(written))\n"
+    )
+    import os
+    from pathlib import Path
+
+    import routelab
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(routelab.__file__).parents[1]),
+                                                          os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script, str(out / "results.json"), str(again)], capture_output=True,
+                          text=True, check=True, env=env)
+    assert done.stdout.split() == ["svg", "False", "5"]
+    for png in ("val_loss.png", "expert_load.png", "experts_per_token.png", "domain_load.png"):
+        assert (again / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
