@@ -170,3 +170,18 @@ def test_train_config_rejects_non_finite_and_out_of_range_values(field, value, m
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{**TINY_TRAIN.__dict__, field: value}).validate()
     TrainConfig(**{**TINY_TRAIN.__dict__, "beta1": 0.0, "min_lr_ratio": 1.0}).validate()  # the bounds themselves
+
+
+def test_atomic_write_gives_new_files_the_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    from routelab import _atomic
+
+    umask = os.umask(0o022)
+    try:
+        _atomic.atomic_write_text(tmp_path / "report.md", "hello")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
