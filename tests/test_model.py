@@ -162,3 +162,46 @@ def test_update_routers_is_called_through_the_model():
     model(torch.randint(0, 97, (2, 8)))
     routelab.update_routers(model)
     assert any(layer.router.expert_bias.abs().sum() > 0 for layer in model.moe_layers)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("shared_experts", True, "model.shared_experts must be an integer >= 0"),
+        ("dense_d_ff", 0, "model.dense_d_ff must be a positive integer or null"),
+        ("dense_d_ff", -8, "model.dense_d_ff must be a positive integer or null"),
+        ("dense_d_ff", 16.5, "model.dense_d_ff must be a positive integer or null"),
+        ("rope_base", float("nan"), "model.rope_base must be a finite number > 0"),
+        ("d_model", True, "model.d_model must be a positive integer"),
+    ],
+)
+def test_model_config_rejects_bools_bad_dense_width_and_non_finite_numbers(field, value, message):
+    cfg = ModelConfig(**{"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 16, "num_experts": 4,
+                         "moe_every": 2, field: value})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+def test_k_schedule_budget_for_max_k_routers_and_conflicts():
+    base = {**TINY, "n_layers": 4}
+    sched = {"shape": "descending", "k_max": 4}
+
+    def layer_max_k(options, schedule):
+        return ModelConfig(**base, router="top_p", router_options=options, k_schedule=schedule).per_layer_router_options()
+
+    expected_for = {b: k_schedule("descending", 4, k_max=4, k=b) for b in (1, 2, 3)}
+    assert len({tuple(v) for v in expected_for.values()}) == 3  # the budget is visible in the schedule
+    # top_p has no k option: the budget is the user's max_k, or the schedule's k, else 2 — never silently replaced
+    assert [o["max_k"] for o in layer_max_k({"p": 0.4, "max_k": 3}, sched)] == expected_for[3]
+    assert [o["max_k"] for o in layer_max_k({"p": 0.4}, {**sched, "k": 1})] == expected_for[1]
+    assert [o["max_k"] for o in layer_max_k({"p": 0.4}, sched)] == expected_for[2]
+    assert [o["max_k"] for o in layer_max_k({"p": 0.4, "max_k": 3}, {**sched, "k": 3})] == expected_for[3]
+    with pytest.raises(ValueError, match=r"router option max_k=3 and k_schedule.k=1 both set the budget"):
+        layer_max_k({"p": 0.4, "max_k": 3}, {**sched, "k": 1})
+    # routers with k: the router's k is the budget, as before; the schedule's k is accepted when it agrees
+    topk = ModelConfig(**base, router_options={"k": 3}, k_schedule=sched).per_layer_router_options()
+    assert [o["k"] for o in topk] == expected_for[3]
+    with pytest.raises(ValueError, match=r"router option k=3 and k_schedule.k=2"):
+        ModelConfig(**base, router_options={"k": 3}, k_schedule={**sched, "k": 2}).per_layer_router_options()
+    with pytest.raises(ValueError, match=r"k_schedule must be null or a mapping .*got \[1, 2\]"):
+        ModelConfig(**base, k_schedule=[1, 2]).per_layer_router_options()

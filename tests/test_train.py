@@ -99,3 +99,89 @@ def test_loss_decreases_on_shared_corpora(shared_data, tmp_path):
     assert last < first - 1.5, (first, last)  # from ~ln(1024) ≈ 6.9 to well below
     load = torch.tensor(run.final["load"])
     assert (load.max(dim=1).values / load.mean(dim=1)).max() < 3.0  # no layer collapsed onto one expert
+
+
+def test_resume_restarts_when_the_checkpoint_belongs_to_another_config(tiny_data, tmp_path, capsys):
+    cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "checkpoint_every": 4})
+    other = TrainConfig(**{**cfg.__dict__, "seed": 7})
+    expected = train(tiny_model(tiny_data), other, tiny_data, progress=False)
+
+    def kill_at_step_6(step, record):
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_model(tiny_data), cfg, tiny_data, out_dir=tmp_path, progress=False, on_step=kill_at_step_6)
+    resumed = train(tiny_model(tiny_data), other, tiny_data, out_dir=tmp_path, resume=True, progress=False)
+    assert [r["loss"] for r in resumed.train_curve] == [r["loss"] for r in expected.train_curve]
+    assert [r["val_loss"] for r in resumed.val_curve] == [r["val_loss"] for r in expected.val_curve]
+    assert "different configuration" in capsys.readouterr().out
+
+
+def test_resume_skips_a_partial_last_metrics_line(tiny_data, tmp_path):
+    cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "checkpoint_every": 4})
+    full = train(tiny_model(tiny_data), cfg, tiny_data, out_dir=tmp_path / "full", progress=False)
+
+    def kill_at_step_6(step, record):
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_model(tiny_data), cfg, tiny_data, out_dir=tmp_path / "cut", progress=False, on_step=kill_at_step_6)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"kind": "train", "step": 7, "lo')  # killed in the middle of an append
+    resumed = train(tiny_model(tiny_data), cfg, tiny_data, out_dir=tmp_path / "cut", resume=True, progress=False)
+    assert [r["loss"] for r in resumed.train_curve] == [r["loss"] for r in full.train_curve]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 13))
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith("."))  == []  # no temp files
+
+
+def test_atomic_write_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from routelab import _atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(_atomic.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(_atomic.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    _atomic.atomic_write_text(tmp_path / "f.txt", "hello")
+    assert (tmp_path / "f.txt").read_text() == "hello"
+    assert events[:2] == ["fsync", "replace"]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr", float("nan"), "train.lr must be a finite number"),
+        ("lr", float("inf"), "train.lr must be a finite number"),
+        ("grad_clip", float("nan"), "train.grad_clip must be a finite number"),
+        ("weight_decay", float("-inf"), "train.weight_decay must be a finite number"),
+        ("beta1", 1.5, r"train.beta1 must be in \[0, 1\)"),
+        ("beta2", 1.0, r"train.beta2 must be in \[0, 1\)"),
+        ("min_lr_ratio", 5, r"train.min_lr_ratio must be in \[0, 1\]"),
+        ("lr", True, "train.lr must be a finite number"),
+        ("steps", True, "train.steps must be a positive integer"),
+    ],
+)
+def test_train_config_rejects_non_finite_and_out_of_range_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{**TINY_TRAIN.__dict__, field: value}).validate()
+    TrainConfig(**{**TINY_TRAIN.__dict__, "beta1": 0.0, "min_lr_ratio": 1.0}).validate()  # the bounds themselves
+
+
+def test_atomic_write_gives_new_files_the_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    from routelab import _atomic
+
+    umask = os.umask(0o022)
+    try:
+        _atomic.atomic_write_text(tmp_path / "report.md", "hello")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]

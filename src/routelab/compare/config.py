@@ -14,9 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from routelab.models.transformer import ModelConfig
+from routelab.models.transformer import ModelConfig, MoETransformerLM
 from routelab.routing.registry import create_router, list_routers, router_class
 from routelab.train.loop import TrainConfig
 
@@ -82,20 +83,22 @@ def resolve(
     cfg = load_preset(preset)
     if config_file is not None:
         cfg = merge(cfg, load_yaml(config_file))
+    _check_sections(cfg)  # before the overrides below read and write the sections
     if data_files:
-        cfg.setdefault("data", {})
         cfg["data"] = merge(cfg["data"], {"source": "files", "files": list(data_files)})
     if steps is not None:
-        if not isinstance(steps, int) or steps < 1:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"--steps must be a positive integer, got {steps!r}")
-        cfg.setdefault("train", {})
-        cfg["train"]["steps"] = steps
-        cfg["train"]["warmup"] = min(cfg["train"].get("warmup", 0), max(0, steps // 10))
-        cfg["train"]["eval_every"] = min(cfg["train"].get("eval_every", steps), steps)
+        train = cfg["train"]
+        train["steps"] = steps
+        # shorten warm-up and the evaluation interval to fit; a value of the wrong type is left for validate()
+        if _is_int(train.get("warmup", 0)):
+            train["warmup"] = min(train.get("warmup", 0), max(0, steps // 10))
+        if _is_int(train.get("eval_every", steps)):
+            train["eval_every"] = min(train.get("eval_every", steps), steps)
     if seed is not None:
-        if not isinstance(seed, int) or seed < 0:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ConfigError(f"--seed must be an integer >= 0, got {seed!r}")
-        cfg.setdefault("train", {})
         cfg["train"]["seed"] = seed
     notes = validate(cfg)
     if routers:  # only the variants asked for matter; an unregistered one among them is an error, raised below
@@ -107,11 +110,9 @@ def resolve(
 def validate(cfg: dict[str, Any]) -> list[str]:
     """Check every field (raising ConfigError naming it); returns notes. Variants whose router is not registered are
     removed with a note, so a preset written for routers not installed still runs with the others."""
-    _fields("config", cfg, TOP_FIELDS)
-    for section, fields in (("data", DATA_FIELDS), ("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"{section}: must be a mapping of {', '.join(sorted(fields))}")
-        _fields(section, cfg[section], fields)
+    _check_sections(cfg)
+    if not isinstance(cfg.get("description", ""), str):
+        raise ConfigError(f"description must be a string, got {cfg['description']!r}")
     data = cfg["data"]
     if data.get("source", "builtin") not in ("builtin", "files"):
         raise ConfigError(f"data.source must be 'builtin' or 'files', got {data.get('source')!r}")
@@ -122,7 +123,7 @@ def validate(cfg: dict[str, Any]) -> list[str]:
     _int("data.max_chars", data.get("max_chars", 0), 0)
     _int("data.vocab_size", data.get("vocab_size", 4096), 257)
     vf = data.get("val_fraction", 0.1)
-    if not isinstance(vf, (int, float)) or not 0 < vf < 1:
+    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 < vf < 1:
         raise ConfigError(f"data.val_fraction must be a number in (0, 1), got {vf!r}")
     _int("reference_k", cfg.get("reference_k", 2), 1)
     try:
@@ -132,6 +133,7 @@ def validate(cfg: dict[str, Any]) -> list[str]:
         raise ConfigError(str(exc)) from None
     model_base = dict(cfg["model"])
     model_base.setdefault("max_seq_len", train_cfg.seq_len)
+    _int("model.max_seq_len", model_base["max_seq_len"], 1)
     if model_base["max_seq_len"] < train_cfg.seq_len:
         raise ConfigError(
             f"model.max_seq_len={model_base['max_seq_len']} is shorter than train.seq_len={train_cfg.seq_len}"
@@ -162,6 +164,11 @@ def validate(cfg: dict[str, Any]) -> list[str]:
         names.add(v["name"])
         if not isinstance(v["options"], dict):
             raise ConfigError(f"{where}.options must be a mapping of router options, got {v['options']!r}")
+        if v["k_schedule"] is not None and not isinstance(v["k_schedule"], dict):
+            raise ConfigError(
+                f"{where}.k_schedule must be null or a mapping {{shape, k_max, k, match_budget}}, "
+                f"got {v['k_schedule']!r}"
+            )
         if v["router"] not in registered:
             notes.append(
                 f"skipping variant {v['name']!r}: router {v['router']!r} is not registered in this installation"
@@ -188,6 +195,8 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
         )
         for opts in per_layer:
             create_router(mc.router, d_model=mc.d_model, num_experts=mc.num_experts, **opts, **shared)
+        with torch.device("meta"):  # the whole model, without memory: layer-level errors surface now
+            MoETransformerLM(mc)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where} ({v['name']}): {exc}") from None
 
@@ -220,6 +229,21 @@ def select_variants(cfg: dict[str, Any], routers: list[str] | None) -> list[str]
         chosen.extend(m for m in matches if m not in chosen)
     cfg["variants"] = chosen
     return notes
+
+
+def _check_sections(cfg: dict[str, Any]) -> None:
+    """The configuration is a mapping with known top-level fields, and data, model and train are mappings."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"the configuration must be a mapping of {', '.join(sorted(TOP_FIELDS))}")
+    _fields("config", cfg, TOP_FIELDS)
+    for section, fields in (("data", DATA_FIELDS), ("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"{section}: must be a mapping of {', '.join(sorted(fields))}, got {cfg.get(section)!r}")
+        _fields(section, cfg[section], fields)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fields(where: str, mapping: dict[str, Any], valid: set[str]) -> None:

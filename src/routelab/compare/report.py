@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from routelab._atomic import atomic_write_text  # noqa: E402
+from routelab._atomic import atomic_write_bytes, atomic_write_text
 
 PLOTS = {
     "val_loss": "val_loss.png",
@@ -135,16 +135,31 @@ def _f(value: float, digits: int) -> str:
     return "nan" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _figure(size: tuple[float, float]) -> Figure:
+    """A figure on its own Agg canvas: no pyplot, so the caller's matplotlib backend and figures are untouched."""
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Render `fig` as a PNG and write it atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _colors(n: int) -> list:
     """Distinct colours: the ten strong tab20 colours first, then their light partners."""
-    cmap = plt.get_cmap("tab20")
+    cmap = colormaps["tab20"]
     order = list(range(0, 20, 2)) + list(range(1, 20, 2))
     return [cmap(order[i % 20]) for i in range(n)]
 
 
 def plot_val_loss(variants: list[dict[str, Any]], path: Path) -> Path:
     """Two panels: the whole run, and the second half zoomed in (where the variants separate)."""
-    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5.5), constrained_layout=True)
+    fig = _figure((13, 5.5))
+    full, zoom = fig.subplots(1, 2)
     markers = "os^Dv<>pP*Xh"
     last_step = max(r["step"] for v in variants for r in v["val_curve"])
     zoom_values = []
@@ -169,8 +184,7 @@ def plot_val_loss(variants: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=9, frameon=False)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -184,8 +198,8 @@ def _heatmap_panels(
     n = len(variants)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False,
-                             constrained_layout=True)
+    fig = _figure((panel_size[0] * cols, panel_size[1] * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     image = None
     for ax, v, m in zip(axes.flat, variants, matrices):
         image = ax.imshow(m, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
@@ -202,8 +216,7 @@ def _heatmap_panels(
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.8, label=colorbar_label)
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -223,7 +236,8 @@ def plot_experts_per_token(variants: list[dict[str, Any]], path: Path) -> Path:
     counts = sorted({int(k) for v in variants for k in v["experts_per_token_histogram"]})
     xs = list(range(min(counts), max(counts) + 1))
     width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(xs) + 3), 5), constrained_layout=True)
+    fig = _figure((max(7, 1.2 * len(xs) + 3), 5))
+    ax = fig.subplots()
     for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
         hist = v["experts_per_token_histogram"]
         total = sum(hist.values())
@@ -235,8 +249,7 @@ def plot_experts_per_token(variants: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("How many experts each token used")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 

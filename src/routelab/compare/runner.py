@@ -3,14 +3,18 @@
 Setup (data, tokenizer, validation of every variant) happens before anything trains; then each variant trains in
 its own folder (`variants/<name>/`: metrics.jsonl, checkpoint, result.json), and the report is written from the
 collected results. With `resume`, finished variants are read back and unfinished ones continue from their
-checkpoints.
+checkpoints. Every result.json records the hash of its variant's full effective configuration (`variant_hash`);
+`resume` reuses a result only when the hash matches and the variant did not fail, and retrains it otherwise. A run
+without `resume` first removes the variant folders a previous comparison left in `variants/`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +28,7 @@ from routelab.compare.config import ConfigError, model_config
 from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
 from routelab.data.dataset import TokenData, tokenize_domains
 from routelab._atomic import atomic_write_text
+from routelab.train.checkpoint import CHECKPOINT_JSON
 from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
 from routelab.models.transformer import MoETransformerLM
 
@@ -79,6 +84,7 @@ def _run_compare(
     from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
 
     out = Path(out_dir)
+    check_out_dir(out)  # before the (slow) data loading
     started = time.perf_counter()
     data = load_data(cfg, cache=cache)
     train_cfg = TrainConfig(**cfg["train"])
@@ -95,6 +101,8 @@ def _run_compare(
             raise ConfigError(f"--resume: {out} holds a comparison with a different configuration "
                               f"(see {out / 'config.yaml'}); use another --out or the same options")
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        remove_stale_variants(out / "variants")
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
     warm_up(cfg, data, train_cfg)
@@ -108,11 +116,12 @@ def _run_compare(
     for i, variant in enumerate(cfg["variants"]):
         vdir = out / "variants" / variant["name"]
         done_path = vdir / "result.json"
-        if resume and done_path.is_file():
-            result = json.loads(done_path.read_text())
-        else:
+        vhash = variant_hash(cfg, variant)
+        result = _reusable_result(done_path, vhash, log=log) if resume else None
+        if result is None:
             result = run_variant(cfg, variant, data, train_cfg, out_dir=vdir, resume=resume, quiet=quiet,
-                                 desc=f"[{i + 1}/{n}] {variant['name']}", bar_position=1)
+                                 desc=f"[{i + 1}/{n}] {variant['name']}", bar_position=1, log=log)
+            result["variant_hash"] = vhash
             atomic_write_text(done_path, json.dumps(result, indent=1))
         results.append(result)
         if overall is not None:
@@ -145,9 +154,59 @@ def _run_compare(
     return summary
 
 
+def check_out_dir(out: Path) -> None:
+    """Raise a ConfigError when the report folder `out` cannot be created: it, or a parent, is not a folder."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "--out" if path == out else f"--out's parent {path}"
+                raise ConfigError(f"{what} must be a folder (existing or new), but {path} is a file")
+            return
+
+
+def variant_hash(cfg: dict[str, Any], variant: dict[str, Any]) -> str:
+    """A digest of everything that determines one variant's result: data, model, train, reference_k, variant."""
+    effective = {"data": cfg.get("data"), "model": cfg.get("model"), "train": cfg.get("train"),
+                 "reference_k": cfg.get("reference_k", 2), "variant": variant}
+    return hashlib.sha256(json.dumps(effective, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+# The files a variant folder holds; a folder under variants/ with any of them was written by a comparison.
+VARIANT_FILES = ("result.json", "metrics.jsonl", CHECKPOINT_JSON)
+
+
+def remove_stale_variants(variants_dir: Path) -> None:
+    """Remove the variant folders of an earlier comparison (folders holding a result, metrics or checkpoint), so a
+    later `--resume` cannot pick up results of a different run. Anything else under `variants_dir` is left alone."""
+    if not variants_dir.is_dir():
+        return
+    for folder in variants_dir.iterdir():
+        if folder.is_dir() and not folder.is_symlink() and any((folder / f).exists() for f in VARIANT_FILES):
+            shutil.rmtree(folder)
+
+
+def _reusable_result(path: Path, vhash: str, *, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The finished result at `path` when it belongs to this configuration and did not fail; else None."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        result = None
+    name = path.parent.name
+    if not isinstance(result, dict) or result.get("variant_hash") != vhash:
+        log(f"note: {name}: the stored result was computed with a different configuration; retraining it")
+        return None
+    if "error" in result:
+        log(f"note: {name}: the previous attempt failed ({result['error']}); running it again")
+        return None
+    return result
+
+
 def run_variant(
     cfg: dict[str, Any], variant: dict[str, Any], data: TokenData, train_cfg: TrainConfig, *,
     out_dir: Path, resume: bool, quiet: bool, desc: str, bar_position: int = 0,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train one variant; a failure is recorded (with its message) instead of stopping the comparison."""
     mc = model_config(cfg, variant, vocab_size=data.vocab_size)
@@ -156,7 +215,7 @@ def run_variant(
     t0 = time.perf_counter()
     try:
         run = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc=desc,
-                    bar_position=bar_position)
+                    bar_position=bar_position, log=log)
     except Exception as exc:  # noqa: BLE001 — one broken router must not cost the others' results
         return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
     wall = time.perf_counter() - t0

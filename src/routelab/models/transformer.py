@@ -34,9 +34,11 @@ class ModelConfig:
     """Keyword-only model configuration; `validate()` checks it (called by the model).
 
     router / router_options: registry name and options of every MoE layer's router.
-    k_schedule: None, or {"shape": one of SHAPES, "k_max": int, "match_budget": bool (default True)}; sets the
-        router's `k` option per MoE layer (or `max_k` for routers without `k`, e.g. top_p), the uniform budget being
-        the router's `k` option (default 2).
+    k_schedule: None, or {"shape": one of SHAPES, "k_max": int, "k": int (optional), "match_budget": bool (default
+        True)}; sets the router's `k` option per MoE layer (or `max_k` for routers without `k`, e.g. top_p). The
+        uniform budget the layer mean matches is the scheduled option's value in router_options (`k`, or `max_k`),
+        else the schedule's `k`, else the router's default `k`, else 2; giving both with different values is an
+        error, since one of them would be ignored.
     dense_d_ff: width of the dense FFN on non-MoE layers (default: d_ff).
     """
 
@@ -68,24 +70,33 @@ class ModelConfig:
         options = [dict(self.router_options) for _ in range(n_moe)]
         if self.k_schedule is None:
             return options
+        if not isinstance(self.k_schedule, dict):
+            raise ValueError(
+                f"k_schedule must be null or a mapping {{shape, k_max, k, match_budget}}, got {self.k_schedule!r}"
+            )
         sched = dict(self.k_schedule)
-        unknown = sorted(set(sched) - {"shape", "k_max", "match_budget"})
+        unknown = sorted(set(sched) - {"shape", "k_max", "k", "match_budget"})
         if unknown:
-            raise ValueError(f"k_schedule has no field(s) {', '.join(unknown)}; valid: shape, k_max, match_budget")
+            raise ValueError(f"k_schedule has no field(s) {', '.join(unknown)}; valid: shape, k_max, k, match_budget")
         if "shape" not in sched or "k_max" not in sched:
             raise ValueError(f"k_schedule needs 'shape' (one of {', '.join(SHAPES)}) and 'k_max'")
+        match_budget = sched.get("match_budget", True)
+        if not isinstance(match_budget, bool):
+            raise ValueError(f"k_schedule.match_budget must be true or false, got {match_budget!r}")
         valid = router_options(self.router)
         key = "k" if "k" in valid else "max_k" if "max_k" in valid else None
         if key is None:
             raise ValueError(
                 f"router {self.router!r} has neither a 'k' nor a 'max_k' option, so a k_schedule cannot apply"
             )
-        budget = self.router_options.get("k", valid.get("k")) if key == "k" else self.router_options.get("k", 2)
-        if not isinstance(budget, int):
-            budget = 2
-        ks = k_schedule(
-            sched["shape"], n_moe, k_max=sched["k_max"], k=budget, match_budget=sched.get("match_budget", True)
-        )
+        if key in self.router_options and "k" in sched and self.router_options[key] != sched["k"]:
+            raise ValueError(
+                f"router option {key}={self.router_options[key]!r} and k_schedule.k={sched['k']!r} both set the "
+                f"budget the schedule matches; give one of them (or the same value)"
+            )
+        default = valid.get("k") if key == "k" else None
+        budget = self.router_options.get(key, sched.get("k", default if isinstance(default, int) else 2))
+        ks = k_schedule(sched["shape"], n_moe, k_max=sched["k_max"], k=budget, match_budget=match_budget)
         for opts, k in zip(options, ks):
             opts[key] = k
         return options
@@ -101,8 +112,15 @@ class ModelConfig:
             )
         if self.moe_every > self.n_layers:
             raise ValueError(f"model.moe_every={self.moe_every} exceeds n_layers={self.n_layers}: no MoE layer")
-        if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
+        if not isinstance(self.shared_experts, int) or isinstance(self.shared_experts, bool) or self.shared_experts < 0:
             raise ValueError(f"model.shared_experts must be an integer >= 0, got {self.shared_experts!r}")
+        if self.dense_d_ff is not None and (
+            not isinstance(self.dense_d_ff, int) or isinstance(self.dense_d_ff, bool) or self.dense_d_ff < 1
+        ):
+            raise ValueError(f"model.dense_d_ff must be a positive integer or null (= d_ff), got {self.dense_d_ff!r}")
+        rope = self.rope_base
+        if not isinstance(rope, (int, float)) or isinstance(rope, bool) or not math.isfinite(rope) or rope <= 0:
+            raise ValueError(f"model.rope_base must be a finite number > 0, got {rope!r}")
         router_class(self.router)  # unknown name → ValueError listing the valid ones
         if not isinstance(self.router_options, dict):
             raise ValueError(f"router options must be a mapping, got {self.router_options!r}")

@@ -8,6 +8,7 @@ give identical loss curves, and a run resumed from a checkpoint continues exactl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -19,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from routelab._atomic import atomic_write_text
 from routelab.data.dataset import TokenData
 from routelab.layers.moe import MoELayer, total_aux_loss
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 from routelab.routing.base import update_routers
-from routelab.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from routelab.train.checkpoint import CHECKPOINT_JSON, has_checkpoint, load_checkpoint, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,15 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {value!r}")
         for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "beta1", "beta2"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"train.{name} must be a number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+        for name in ("beta1", "beta2"):
+            if not getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -102,9 +109,12 @@ def train(
     desc: str = "train",
     bar_position: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `MoETransformerLM(model_config)` on `data`; with `out_dir`, write metrics.jsonl and checkpoints there.
 
+    With `resume`, a checkpoint in `out_dir` is continued only when it was written for the same run (same
+    `run_config_hash`: model config, train config and data); otherwise the run starts from step 0 and `log` says why.
     `on_step(step, record)` is called after each optimizer step (tests use it to stop a run midway).
     """
     cfg.validate()
@@ -117,17 +127,23 @@ def train(
     val_curve: list[dict[str, Any]] = []
     start, train_seconds = 0, 0.0
     metrics_path = None if out_dir is None else Path(out_dir) / "metrics.jsonl"
+    config_hash = run_config_hash(model_config, cfg, data)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         if resume and has_checkpoint(Path(out_dir)):
-            meta = load_checkpoint(Path(out_dir), model=model, optimizer=optimizer)
-            start, train_seconds = meta["step"], meta["extra"]["train_seconds"]
-            train_curve, val_curve = _read_metrics(metrics_path, upto=start)
+            saved = checkpoint_config_hash(Path(out_dir))
+            if saved == config_hash:
+                meta = load_checkpoint(Path(out_dir), model=model, optimizer=optimizer)
+                start, train_seconds = meta["step"], meta["extra"]["train_seconds"]
+                train_curve, val_curve = _read_metrics(metrics_path, upto=start)
+            else:
+                log(f"note: {desc}: the checkpoint in {out_dir} was written for a different configuration; "
+                    f"training from step 0")
         _write_metrics(metrics_path, train_curve, val_curve)  # drops records after the checkpoint's step
 
     if start == 0 and not val_curve:  # the loss before training, so every curve starts from the same point
         val_curve.append(_eval_record(model, val_sets, cfg, step=0))
-        _append(metrics_path, val_curve[-1])
+        _write_metrics(metrics_path, train_curve, val_curve)
     bar = _progress(cfg.steps, start, desc, progress, bar_position)
     model.train()
     for step in range(start, cfg.steps):
@@ -152,17 +168,17 @@ def train(
         record = {"kind": "train", "step": step + 1, "lr": lr, "loss": loss_value,
                   "lm_loss": loss_value - aux.item(), "aux_loss": aux.item(), "seconds": seconds}
         train_curve.append(record)
-        _append(metrics_path, record)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val_curve.append(_eval_record(model, val_sets, cfg, step=done))
-            _append(metrics_path, val_curve[-1])
+        _write_metrics(metrics_path, train_curve, val_curve)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_curve[-1]['val_loss']:.3f}" if val_curve else "-")
             bar.update(1)
         if out_dir is not None and (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 or done == cfg.steps):
             save_checkpoint(Path(out_dir), model=model, optimizer=optimizer, step=done,
-                            extra={"train_seconds": train_seconds, "train_config": asdict(cfg)})
+                            extra={"train_seconds": train_seconds, "train_config": asdict(cfg),
+                                   "config_hash": config_hash})
         if on_step is not None:
             on_step(done, record)
     if bar is not None:
@@ -274,25 +290,45 @@ def steady_tokens_per_second(train_curve: list[dict[str, float]], tokens_per_ste
     return tokens_per_step * len(timed) / sum(timed) if timed and sum(timed) > 0 else float("nan")
 
 
-def _append(path: Path | None, record: dict[str, Any]) -> None:
-    if path is not None:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+def run_config_hash(model_config: ModelConfig, cfg: TrainConfig, data: TokenData) -> str:
+    """A digest of everything that determines a run: model config, train config and the data (tokenizer key and
+    split sizes). A checkpoint is continued only by a run with the same digest."""
+    data_id = {"tokenizer_key": getattr(data, "tokenizer_key", None),
+               "domains": [[d.name, d.train.numel(), d.val.numel()] for d in data.domains]}
+    blob = json.dumps({"model": model_config.to_dict(), "train": asdict(cfg), "data": data_id}, sort_keys=True,
+                      default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _write_metrics(path: Path, train_curve: list, val_curve: list) -> None:
+def checkpoint_config_hash(folder: Path) -> str | None:
+    """The `config_hash` recorded in `folder`'s checkpoint (None when absent or unreadable)."""
+    try:
+        meta = json.loads((Path(folder) / CHECKPOINT_JSON).read_text())
+        return meta.get("extra", {}).get("config_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_metrics(path: Path | None, train_curve: list, val_curve: list) -> None:
+    """Rewrite metrics.jsonl atomically (a few hundred short lines), so a kill never leaves a partial record."""
+    if path is None:
+        return
     records = sorted(train_curve + val_curve, key=lambda r: (r["step"], r["kind"] == "eval"))
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _read_metrics(path: Path, *, upto: int) -> tuple[list, list]:
     train_curve, val_curve = [], []
     if not path.is_file():
         return train_curve, val_curve
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a record cut short by a kill mid-append (files from older versions)
+                break
+            raise
         if record["step"] <= upto:
             (train_curve if record["kind"] == "train" else val_curve).append(record)
     return train_curve, val_curve
