@@ -143,7 +143,7 @@ def train(
 
     if start == 0 and not val_curve:  # the loss before training, so every curve starts from the same point
         val_curve.append(_eval_record(model, val_sets, cfg, step=0))
-        _write_metrics(metrics_path, train_curve, val_curve)
+        _append_metrics(metrics_path, val_curve[-1:])
     bar = _progress(cfg.steps, start, desc, progress, bar_position)
     model.train()
     for step in range(start, cfg.steps):
@@ -168,10 +168,12 @@ def train(
         record = {"kind": "train", "step": step + 1, "lr": lr, "loss": loss_value,
                   "lm_loss": loss_value - aux.item(), "aux_loss": aux.item(), "seconds": seconds}
         train_curve.append(record)
+        new_records = [record]
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val_curve.append(_eval_record(model, val_sets, cfg, step=done))
-        _write_metrics(metrics_path, train_curve, val_curve)
+            new_records.append(val_curve[-1])
+        _append_metrics(metrics_path, new_records)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_curve[-1]['val_loss']:.3f}" if val_curve else "-")
             bar.update(1)
@@ -309,8 +311,17 @@ def checkpoint_config_hash(folder: Path) -> str | None:
         return None
 
 
+def _append_metrics(path: Path | None, records: list[dict]) -> None:
+    """Append records to metrics.jsonl. A kill mid-append can leave a partial last line: `_read_metrics` skips it,
+    and a resume rewrites the file atomically from the checkpoint's step."""
+    if path is None:
+        return
+    with path.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
 def _write_metrics(path: Path | None, train_curve: list, val_curve: list) -> None:
-    """Rewrite metrics.jsonl atomically (a few hundred short lines), so a kill never leaves a partial record."""
+    """Rewrite metrics.jsonl atomically, in step order (at the start of a run or resume)."""
     if path is None:
         return
     records = sorted(train_curve + val_curve, key=lambda r: (r["step"], r["kind"] == "eval"))
