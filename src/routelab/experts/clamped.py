@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from routelab._checks import check_number
 from routelab.experts.base import ExpertBank
 
 
@@ -30,14 +31,9 @@ class ClampedSwiGLUExperts(ExpertBank):
     def __init__(
         self, num_experts: int, d_model: int, d_ff: int, *, alpha: float = 1.702, limit: float = 7.0, bias: bool = True
     ) -> None:
-        super().__init__()
-        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__init__(num_experts, d_model, d_ff)
         for name, value in (("alpha", alpha), ("limit", limit)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+            check_number(name, value, low=0, open_low=True)
         self.alpha, self.limit = float(alpha), float(limit)
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_ff))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_ff, d_model))

@@ -28,11 +28,7 @@ class SwiGLUExperts(ExpertBank):
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int) -> None:
-        super().__init__()
-        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        super().__init__(num_experts, d_model, d_ff)
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_ff))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         # `routed` runs the fused permute → experts → combine kernel; False takes the generic path (tests compare them).

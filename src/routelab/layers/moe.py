@@ -10,11 +10,12 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from routelab._checks import check_choice, check_int
 from routelab.dispatch.permute import make_plan
 from routelab.experts.base import ExpertBank
 from routelab.experts.gated import GatedSharedExpert
 from routelab.experts.swiglu import SwiGLUExperts
-from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice
+from routelab.routing.base import Router, RoutingContext, RoutingDecision
 from routelab.routing.erc import check_erc_options, layer_erc_loss
 
 ACTIVATIONS = ("swiglu",)
@@ -55,19 +56,15 @@ class MoELayer(nn.Module):
             raise TypeError(f"router must be a routelab Router (see routelab.create_router), got {type(router).__name__}")
         if router.d_model != d_model:
             raise ValueError(f"router.d_model={router.d_model} does not match d_model={d_model}")
-        if not isinstance(shared_experts, int) or isinstance(shared_experts, bool) or shared_experts < 0:
-            raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
+        check_int("d_ff", d_ff, 1)
+        check_int("shared_experts", shared_experts, 0)
         check_choice("activation", activation, ACTIVATIONS)
         if (shared_d_ff is not None or shared_expert_gate) and not shared_experts:
             raise ValueError("shared_d_ff and shared_expert_gate need shared_experts >= 1")
-        if shared_d_ff is not None and (
-            not isinstance(shared_d_ff, int) or isinstance(shared_d_ff, bool) or shared_d_ff < 1
-        ):
-            raise ValueError(f"shared_d_ff must be None or a positive integer, got {shared_d_ff!r}")
+        if shared_d_ff is not None:
+            check_int("shared_d_ff (or None)", shared_d_ff, 1)
         if experts is not None and not isinstance(experts, ExpertBank):
             raise TypeError(f"experts must be a routelab ExpertBank, got {type(experts).__name__}")
-        if not isinstance(d_ff, int) or isinstance(d_ff, bool) or d_ff < 1:
-            raise ValueError(f"d_ff must be a positive integer, got {d_ff!r}")
         if experts is not None:
             for name, want in (("num_experts", router.num_experts), ("d_model", d_model), ("d_ff", d_ff)):
                 if getattr(experts, name) != want:

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from routelab._checks import check_int
+
 
 @dataclass(frozen=True)
 class RoutingContext:
@@ -158,8 +160,8 @@ class Router(nn.Module):
 
     def __init__(self, *, d_model: int, num_experts: int) -> None:
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("num_experts", num_experts)
+        check_int("d_model", d_model, 1)
+        check_int("num_experts", num_experts, 1)
         self.d_model = d_model
         self.num_experts = num_experts
 
@@ -209,21 +211,10 @@ def router_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    """Raise a ValueError naming the option and its allowed values unless `value` is one of them."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
 def _check_range(name: str, index: Tensor, upper: int) -> None:
     lo, hi = int(index.min()), int(index.max())
     if lo < 0 or hi >= upper:
         raise ValueError(f"RoutingDecision.{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _describe(value: object) -> str:

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_int, check_number, real_mask, switch_aux_losses, top_k_choices
-from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
+from routelab._checks import check_choice, check_int, check_number
+from routelab.routing._util import real_mask, switch_aux_losses, top_k_choices
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.registry import register_router
 
 CENTROID_INITS = ("orthogonal", "normal")

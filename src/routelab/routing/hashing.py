@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from routelab.routing._util import check_int, mix64, real_mask
+from routelab._checks import check_int
+from routelab.routing._util import mix64, real_mask
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.registry import register_router
 

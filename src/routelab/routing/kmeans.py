@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routelab.routing._util import check_int, check_number, flatten_choices, real_mask, top_indices
-from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
+from routelab._checks import check_choice, check_int, check_number
+from routelab.routing._util import flatten_choices, real_mask, top_indices
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.registry import register_router
 
 WEIGHTINGS = ("uniform", "softmax")

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_bool, check_int, check_number, flatten_choices, real_mask, top_indices
+from routelab._checks import check_bool, check_int, check_number
+from routelab.routing._util import flatten_choices, real_mask, top_indices
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.registry import register_router
 

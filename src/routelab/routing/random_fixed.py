@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routelab.routing._util import check_int, real_mask, top_k_choices
-from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
+from routelab._checks import check_choice, check_int
+from routelab.routing._util import real_mask, top_k_choices
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.registry import register_router
 
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_int, check_number, real_mask, switch_aux_losses, top_k_choices
+from routelab._checks import check_int, check_number
+from routelab.routing._util import real_mask, switch_aux_losses, top_k_choices
 from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.registry import register_router
 

@@ -27,16 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import (
-    check_bool,
-    check_int,
-    check_number,
-    real_mask,
-    sequence_shape,
-    switch_aux_losses,
-    top_k_choices,
-)
-from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
+from routelab._checks import check_bool, check_choice, check_int, check_number
+from routelab.routing._util import real_mask, sequence_shape, switch_aux_losses, top_k_choices
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.registry import register_router
 
 KERNELS = ("bilinear", "cosine")

@@ -39,17 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import (
-    check_bool,
-    check_int,
-    check_number,
-    flatten_choices,
-    real_mask,
-    top_indices,
-    top_k_choices,
-    unit_interval,
-)
-from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
+from routelab._checks import check_bool, check_choice, check_int, check_number
+from routelab.routing._util import flatten_choices, real_mask, top_indices, top_k_choices, unit_interval
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.registry import register_router
 
 COSTS = ("softmax", "logits")

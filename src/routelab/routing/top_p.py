@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_int, check_number, flatten_choices, real_mask
-from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
+from routelab._checks import check_choice, check_int, check_number
+from routelab.routing._util import flatten_choices, real_mask
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.losses import switch_balance_loss
 from routelab.routing.registry import register_router
 

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing._util import check_int, check_number, top_indices
-from routelab.routing.base import Router, RoutingContext, RoutingDecision, check_choice, router_dtype
+from routelab._checks import check_choice, check_int, check_number
+from routelab.routing._util import top_indices
+from routelab.routing.base import Router, RoutingContext, RoutingDecision, router_dtype
 from routelab.routing.capacity import DROP_POLICIES, expert_capacity, within_capacity
 from routelab.routing.losses import router_z_loss, switch_balance_loss
 from routelab.routing.registry import register_router

@@ -22,7 +22,7 @@ from torch import nn
 
 from routelab._atomic import atomic_write_text
 from routelab.data.dataset import TokenData
-from routelab.layers.moe import MoELayer, total_aux_loss
+from routelab.layers.moe import total_aux_loss
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 from routelab.routing.base import update_routers
 from routelab.train.checkpoint import CHECKPOINT_JSON, has_checkpoint, load_checkpoint, save_checkpoint
