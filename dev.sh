@@ -20,7 +20,7 @@ stamp="$venv/.routelab-install"
 want="$(cat pyproject.toml dev.sh | cksum)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test,hf]"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[all]"
   echo "$want" > "$stamp"
 fi
 

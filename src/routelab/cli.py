@@ -1,106 +1,22 @@
-"""The `routelab` command."""
+"""The `routelab` command: one subcommand per module in `routelab.commands`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from routelab.routing.registry import list_routers
+# Subcommands in the order `routelab --help` lists them; each names a module of routelab.commands.
+COMMANDS = ("compare", "routers", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="routelab", description="Dynamic routing for Mixture-of-Experts models.")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="train one MoE layer on random data and print its routing statistics")
-    demo.add_argument("--router", default="topk", help="registered router name (see `routelab routers`)")
-    demo.add_argument("--steps", type=int, default=50)
-    demo.add_argument("--experts", type=int, default=8)
-    demo.add_argument("--k", type=int, default=2)
-
-    commands.add_parser("routers", help="list the registered routers")
-
-    compare = commands.add_parser(
-        "compare",
-        help="train the same small MoE LM once per router (same seed, data, batches, budget) and report side by side",
-        description="Train the same small MoE language model once per router variant, with the same seed, data, "
-        "batch order and token budget, and write a report folder (report.md, results.json, plots, config.yaml).",
-    )
-    compare.add_argument("--preset", default="default", help="smoke (under a minute) or default (default: %(default)s)")
-    compare.add_argument("--routers", nargs="+", metavar="NAME",
-                         help="variants or routers to run, comma- or space-separated (default: every preset entry "
-                         "whose router is registered)")
-    compare.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files, each one domain "
-                         "(default: the built-in corpus from the Python standard library)")
-    compare.add_argument("--steps", type=int, help="training steps per variant (overrides the preset)")
-    compare.add_argument("--seed", type=int, help="seed of every variant (overrides the preset; rerun with another "
-                         "seed to see how much of a difference is noise)")
-    compare.add_argument("--out", help="report folder (default: runs/compare-<preset>)")
-    compare.add_argument("--config", metavar="YAML", help="a YAML file merged over the preset")
-    compare.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
-    compare.add_argument("--quiet", action="store_true", help="no progress bars")
-    compare.add_argument("--threads", type=int, default=1,
-                         help="torch threads (default: %(default)s; these small models gain little from more threads, "
-                         "and lose much when the cores are shared with other work)")
-
+    for name in COMMANDS:
+        importlib.import_module(f"routelab.commands.{name}").register(commands)
     args = parser.parse_args(argv)
-    if args.command == "routers":
-        print("\n".join(list_routers()))
-        return 0
-    if args.command == "demo":
-        from routelab.demo import print_demo, run_demo
-
-        if args.steps < 1:
-            parser.error(f"--steps must be >= 1, got {args.steps}")
-        try:
-            stats = run_demo(router=args.router, steps=args.steps, num_experts=args.experts, k=args.k)
-        except ValueError as exc:  # bad router name or option: one clear line, no traceback
-            print(f"routelab demo: error: {exc}", file=sys.stderr)
-            return 2
-        print_demo(stats)
-        return 0
-    if args.command == "compare":
-        return run_compare_command(args)
-    return 2
-
-
-def run_compare_command(args: argparse.Namespace) -> int:
-    """Validate everything (config, routers, data files) before training; errors print one clear line, exit 2."""
-    from routelab.compare import ConfigError, resolve, run_compare
-    from routelab.data.corpus import DataError
-
-    routers = [name for item in args.routers or [] for name in item.split(",") if name.strip()]
-    routers = [name.strip() for name in routers]
-    try:
-        cfg, notes = resolve(preset=args.preset, config_file=args.config, routers=routers or None,
-                             data_files=args.data, steps=args.steps, seed=args.seed)
-        if cfg["data"].get("source") == "files":
-            from routelab.data.corpus import file_corpus
-
-            file_corpus(cfg["data"]["files"])  # missing, unreadable or empty files fail here, before any training
-    except (ConfigError, DataError) as exc:
-        print(f"routelab compare: error: {exc}", file=sys.stderr)
-        return 2
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    if args.threads < 1:
-        print(f"routelab compare: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
-    out = args.out or f"runs/compare-{args.preset}"
-    if not args.quiet:
-        names = ", ".join(v["name"] for v in cfg["variants"])
-        print(f"routelab compare: preset {args.preset}, {len(cfg['variants'])} variants ({names}) → {out}")
-    try:
-        summary = run_compare(cfg, out_dir=out, resume=args.resume, quiet=args.quiet, notes=notes,
-                              threads=args.threads)
-    except (ConfigError, DataError) as exc:
-        print(f"routelab compare: error: {exc}", file=sys.stderr)
-        return 2
-    failed = [v for v in summary["variants"] if "error" in v]
-    for v in failed:
-        print(f"variant {v['name']} failed: {v['error']}", file=sys.stderr)
-    print(f"report: {out}/report.md ({summary['wall_seconds']:.0f} s)")
-    return 1 if failed else 0
+    return args.run(args)
 
 
 if __name__ == "__main__":
