@@ -194,7 +194,7 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
             d_model=mc.d_model, num_experts=mc.num_experts, **mc.router_options
         )
         for opts in per_layer:
-            create_router(mc.router, d_model=mc.d_model, num_experts=mc.num_experts, **opts, **shared)
+            create_router(mc.router, d_model=mc.d_model, num_experts=mc.num_experts, **{**opts, **shared})
         with torch.device("meta"):  # the whole model, without memory: layer-level errors surface now
             MoETransformerLM(mc)
     except (TypeError, ValueError) as exc:
