@@ -293,9 +293,9 @@ def steady_tokens_per_second(train_curve: list[dict[str, float]], tokens_per_ste
 
 
 def run_config_hash(model_config: ModelConfig, cfg: TrainConfig, data: TokenData) -> str:
-    """A digest of everything that determines a run: model config, train config and the data (tokenizer key and
-    split sizes). A checkpoint is continued only by a run with the same digest."""
-    data_id = {"tokenizer_key": getattr(data, "tokenizer_key", None),
+    """A digest of everything that determines a run: model config, train config and the data (tokenizer key, the
+    hash of the data's contents and split sizes). A checkpoint is continued only by a run with the same digest."""
+    data_id = {"tokenizer_key": getattr(data, "tokenizer_key", None), "content_key": getattr(data, "content_key", None),
                "domains": [[d.name, d.train.numel(), d.val.numel()] for d in data.domains]}
     blob = json.dumps({"model": model_config.to_dict(), "train": asdict(cfg), "data": data_id}, sort_keys=True,
                       default=repr)
