@@ -78,6 +78,13 @@ class SimilarityRouter(Router):
         allowed_BLL = allowed_BLL | torch.eye(L, dtype=torch.bool, device=x_BLD.device)
         return (sim_BLL / self.tau).masked_fill(~allowed_BLL, float("-inf")).softmax(-1)
 
+    @staticmethod
+    def mix(mix_BLL: Tensor, probs_BLE: Tensor) -> Tensor:
+        """ŝ [B, L, E] = A p. A token outside t's row (a later one when causal, padding) has weight 0 there, but
+        0·NaN is NaN: non-finite distributions are zeroed first, so such a token cannot reach t even as NaN (its
+        own row is NaN through its similarities, as it should be)."""
+        return mix_BLL @ torch.where(torch.isfinite(probs_BLE), probs_BLE, 0.0)
+
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
         T, E, k = x_TD.shape[0], self.num_experts, self.k
         dtype = router_dtype(x_TD)
@@ -87,7 +94,7 @@ class SimilarityRouter(Router):
         real_T = real_mask(ctx, T, x_TD.device)
         B, L = sequence_shape(ctx, T)
         mix_BLL = self.mixing(x_TD.view(B, L, self.d_model), real_T.view(B, L))
-        mixed_TE = (mix_BLL @ probs_TE.view(B, L, E)).reshape(T, E)
+        mixed_TE = self.mix(mix_BLL, probs_TE.view(B, L, E)).reshape(T, E)
 
         token_S, expert_S, weight_S = top_k_choices(mixed_TE, k, real_T, renormalize=k > 1)
         aux_losses = switch_aux_losses(self.aux_loss_coef, mixed_TE, expert_S, real_T)
