@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from routelab._checks import check_choice, check_int
+from routelab.dispatch.gathered_swiglu import gathered_swiglu
 from routelab.dispatch.permute import make_plan
 from routelab.experts.base import ExpertBank
 from routelab.experts.gated import GatedSharedExpert
@@ -19,6 +20,9 @@ from routelab.routing.base import Router, RoutingContext, RoutingDecision
 from routelab.routing.erc import check_erc_options, layer_erc_loss
 
 ACTIVATIONS = ("swiglu",)
+# The tiny-S inference path gathers each assignment's expert weights: at most this many elements (16 MiB in fp32),
+# so it serves decoding (S = batch·k rows) and never a large batch or large experts.
+DECODE_MAX_GATHERED = 1 << 22
 
 
 class MoELayer(nn.Module):
@@ -82,6 +86,8 @@ class MoELayer(nn.Module):
         elif shared_experts:
             self.shared_experts = SwiGLUExperts(1, d_model, shared_width)
         self.last_decision: RoutingDecision | None = None
+        # False: inference forwards with a few assignments take the sort-based path too (benchmarks/decode.py).
+        self.decode_fast_path = True
 
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
         return self.forward_with_decision(x, ctx)[0]
@@ -101,11 +107,28 @@ class MoELayer(nn.Module):
             erc = self.erc_loss_coef * layer_erc_loss(self, self.erc_alpha)
             decision = dataclasses.replace(decision, aux_losses={**decision.aux_losses, "erc": erc})
         self.last_decision = decision.detached()
-        plan = make_plan(decision)  # permute: assignments sorted by expert
-        y_TD = self.experts.routed(x_TD, plan)  # gather rows → experts → weighted combine, in one pass
+        if self._few_assignments(decision):  # decoding: a few rows; no sort, no per-expert loop, no host sync
+            e = self.experts
+            y_TD = gathered_swiglu(x_TD, decision.token_index, decision.expert_index, decision.weight, e.w_gate_up,
+                                   e.w_down)
+        else:
+            plan = make_plan(decision)  # permute: assignments sorted by expert
+            y_TD = self.experts.routed(x_TD, plan)  # gather rows → experts → weighted combine, in one pass
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD, plan.group_sizes_E.new_tensor([x_TD.shape[0]]))
+            y_TD = y_TD + self.shared_experts(x_TD, torch.tensor([x_TD.shape[0]], device=x_TD.device))
         return y_TD.reshape(x.shape), decision
+
+    def _few_assignments(self, decision: RoutingDecision) -> bool:
+        """Whether this forward takes the tiny-S inference path (`dispatch/gathered_swiglu.py`): no autograd, a plain
+        fused SwiGLU bank, and at most DECODE_MAX_GATHERED expert-weight elements gathered."""
+        e = self.experts
+        return (
+            self.decode_fast_path
+            and not torch.is_grad_enabled()
+            and type(e) is SwiGLUExperts
+            and e.fused
+            and decision.num_assignments * 3 * e.d_model * e.d_ff <= DECODE_MAX_GATHERED
+        )
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_ff={self.d_ff}"

@@ -164,15 +164,17 @@ class RoutingDecision:
     def detached(self) -> RoutingDecision:
         """A copy for statistics: tensors detached, except the aux losses, which keep their graph so that
         `total_aux_loss` can be backpropagated after the forward."""
-        logits = None if self.router_logits is None else self.router_logits.detach()
-        return dataclasses.replace(
-            self,
-            token_index=self.token_index.detach(),
-            expert_index=self.expert_index.detach(),
-            weight=self.weight.detach(),
-            router_logits=logits,
-            state=None,
-        )
+        copy = object.__new__(RoutingDecision)  # not dataclasses.replace: this decision was validated already, and
+        changes = {  # re-validating costs device-to-host syncs on every forward (measured in benchmarks/decode.py)
+            "token_index": self.token_index.detach(),
+            "expert_index": self.expert_index.detach(),
+            "weight": self.weight.detach(),
+            "router_logits": None if self.router_logits is None else self.router_logits.detach(),
+            "state": None,
+        }
+        for f in dataclasses.fields(self):
+            object.__setattr__(copy, f.name, changes.get(f.name, getattr(self, f.name)))
+        return copy
 
 
 class Router(nn.Module):
@@ -240,7 +242,7 @@ def router_dtype(x: Tensor) -> torch.dtype:
 
 
 def _check_range(name: str, index: Tensor, upper: int) -> None:
-    lo, hi = int(index.min()), int(index.max())
+    lo, hi = (int(v) for v in torch.aminmax(index))  # one reduction instead of two
     if lo < 0 or hi >= upper:
         raise ValueError(f"RoutingDecision.{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
 
