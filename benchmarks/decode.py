@@ -10,7 +10,8 @@ active FLOPs per token equal the MoE model's (the router's gate aside). Each rou
 after a prompt of `--prompt` tokens with `routelab.generate` for each variant, in alternating order; the ratio is the
 median over rounds of (dense time / MoE time in that round), i.e. MoE tokens/s as a fraction of dense tokens/s, in
 one process. fp32 on the CPU with `--threads` threads. Also reported: the share of the MoE model's decode step spent
-in its MoE layers, and the same model with the tiny-T decode path switched off (`--no-fast-path` comparison).
+in its MoE layers, and the same MoE model with the tiny-S decode path switched off
+(`LocalDispatcher(decode_fast_path=False)`: the sort-based kernel with its per-expert loop and host sync).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from routelab.compare import load_preset
+from routelab.dispatch import LocalDispatcher
 from routelab.models import ModelConfig, MoETransformerLM
 from routelab.models.decoding import generate
 from routelab.models.transformer import DenseSwiGLU
@@ -47,14 +49,14 @@ def decode_seconds(model: MoETransformerLM, batch: int, prompt: int, new: int, f
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).tolist()
     for layer in model.moe_layers:
-        layer.decode_fast_path = fast_path
+        layer.dispatcher = LocalDispatcher(decode_fast_path=fast_path)
     try:
         t0 = time.perf_counter()
         generate(model, prompts, max_new_tokens=new)
         return time.perf_counter() - t0
     finally:
         for layer in model.moe_layers:
-            layer.decode_fast_path = True
+            layer.dispatcher = LocalDispatcher()
 
 
 def moe_share(model: MoETransformerLM, batch: int, steps: int = 50) -> float:
@@ -100,14 +102,13 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     torch.set_num_threads(args.threads)
     moe, dense = build()
-    has_fast_path = True
     report = {"threads": args.threads, "prompt": args.prompt, "new_tokens": args.new, "rounds": rounds, "batches": {}}
     for batch in (1, 8):
         for model in (moe, dense):  # warm-up
             decode_seconds(model, batch, args.prompt, 8)
         times: dict[str, list[float]] = {"moe": [], "dense": [], "moe_no_fast_path": []}
         for r in range(rounds):
-            order = ["moe", "dense", "moe_no_fast_path"] if has_fast_path else ["moe", "dense"]
+            order = ["moe", "dense", "moe_no_fast_path"]
             if r % 2:
                 order.reverse()
             for name in order:
@@ -119,14 +120,13 @@ def main() -> None:
             "moe_vs_dense": statistics.median(d / m for d, m in zip(times["dense"], times["moe"])),
             "moe_share_of_step": moe_share(moe, batch),
         }
-        if has_fast_path:
-            row["no_fast_path_vs_dense"] = statistics.median(
-                d / m for d, m in zip(times["dense"], times["moe_no_fast_path"])
-            )
+        row["no_fast_path_vs_dense"] = statistics.median(
+            d / m for d, m in zip(times["dense"], times["moe_no_fast_path"])
+        )
         report["batches"][str(batch)] = row
         print(f"batch {batch}: MoE {row['moe_tokens_per_s']:.0f} tok/s, dense {row['dense_tokens_per_s']:.0f} tok/s, "
               f"MoE/dense speed {row['moe_vs_dense']:.3f}"
-              + (f" (without the decode fast path {row['no_fast_path_vs_dense']:.3f})" if has_fast_path else "")
+              + f" (without the decode fast path {row['no_fast_path_vs_dense']:.3f})"
               + f"; MoE layers {100 * row['moe_share_of_step']:.0f}% of a decode step")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1) + "\n")

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import routelab
 from routelab.dispatch.gathered_swiglu import gathered_swiglu
-from routelab.layers import moe as moe_module
+from routelab.dispatch import LocalDispatcher
+from routelab.dispatch import local as local_module
 
 
 def _loop(x_TD, token_S, expert_S, weight_S, w_gate_up, w_down):
@@ -43,19 +44,25 @@ def test_layer_takes_the_fast_path_only_for_a_few_assignments_without_grad(monke
     torch.manual_seed(0)
     layer = routelab.MoELayer(16, 24, routelab.create_router("topk", d_model=16, num_experts=4, k=2))
     calls = []
-    real = moe_module.gathered_swiglu
-    monkeypatch.setattr(moe_module, "gathered_swiglu", lambda *a: calls.append(a[1].numel()) or real(*a))
+    real = local_module.gathered_swiglu
+    monkeypatch.setattr(local_module, "gathered_swiglu", lambda *a: calls.append(a[1].numel()) or real(*a))
     x = torch.randn(3, 16)
     with_grad = layer(x)
     assert calls == []  # autograd needs the custom function's backward
     with torch.no_grad():
         fast = layer(x)
         assert calls == [6]
-        layer.decode_fast_path = False
+        layer.dispatcher = LocalDispatcher(decode_fast_path=False)
         slow = layer(x)
-        layer.decode_fast_path = True
+        assert calls == [6]
+        layer.dispatcher = LocalDispatcher()
         big = torch.randn(4096, 16)
         layer(big)  # 8192 assignments · 3·16·24 weights gathered would exceed DECODE_MAX_GATHERED
         assert calls == [6]
     torch.testing.assert_close(fast, with_grad.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
+
+
+def test_decode_fast_path_option_is_validated():
+    with pytest.raises(ValueError, match="decode_fast_path must be one of True, False"):
+        LocalDispatcher(decode_fast_path=1)

@@ -218,6 +218,15 @@ class Router(nn.Module):
                 self._buffers[name] = buf.to(before[name])
         return self
 
+    def gate_rows(self) -> Tensor | None:
+        """[E, D]: the rows of a linear gate that score the E routed experts (a capability: the ERC loss couples them
+        to the experts' gate projections), or None. Routers declare it by holding `gate`, an nn.Linear whose first
+        E output rows score the E experts."""
+        gate = getattr(self, "gate", None)
+        if isinstance(gate, nn.Linear) and gate.out_features >= self.num_experts:
+            return gate.weight[: self.num_experts]
+        return None
+
     @torch.no_grad()
     def apply_updates(self) -> None:
         """Apply the statistics accumulated by training forwards since the last call; stateless routers do nothing."""
