@@ -59,36 +59,38 @@ def decode_seconds(model: MoETransformerLM, batch: int, prompt: int, new: int, f
             layer.dispatcher = LocalDispatcher()
 
 
-def moe_share(model: MoETransformerLM, batch: int, steps: int = 50) -> float:
-    """Fraction of one-token decode forwards spent inside the MoE layers (wall time, measured around
-    `forward_with_decision`, which the model calls directly)."""
-    spent = [0.0]
+def moe_share(model: MoETransformerLM, batch: int, steps: int = 50) -> tuple[float, float]:
+    """(MoE layers, their routers): fractions of one-token decode forwards spent inside them (wall time, measured
+    around `forward_with_decision`, which the model calls directly, and around each router's forward)."""
+    spent = {"moe": 0.0, "router": 0.0}
 
-    def timed(method):
+    def timed(method, key):
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - t0
+                spent[key] += time.perf_counter() - t0
 
         return wrapper
 
     for layer in model.moe_layers:
-        layer.forward_with_decision = timed(layer.forward_with_decision)
+        layer.forward_with_decision = timed(layer.forward_with_decision, "moe")
+        layer.router.forward = timed(layer.router.forward, "router")
     try:
         with torch.no_grad():
             cache = model.new_cache(batch, steps + 1)
             model(torch.zeros(batch, 1, dtype=torch.long), cache=cache)
-            spent[0] = 0.0
+            spent.update(moe=0.0, router=0.0)
             t0 = time.perf_counter()
             for _ in range(steps):
                 model(torch.zeros(batch, 1, dtype=torch.long), cache=cache)
             total = time.perf_counter() - t0
     finally:
-        for layer in model.moe_layers:
-            del layer.forward_with_decision  # back to the class's method
-    return spent[0] / total
+        for layer in model.moe_layers:  # back to the classes' methods
+            del layer.forward_with_decision
+            del layer.router.forward
+    return spent["moe"] / total, spent["router"] / total
 
 
 def main() -> None:
@@ -118,16 +120,14 @@ def main() -> None:
             "moe_tokens_per_s": batch * args.new / statistics.median(times["moe"]),
             "dense_tokens_per_s": batch * args.new / statistics.median(times["dense"]),
             "moe_vs_dense": statistics.median(d / m for d, m in zip(times["dense"], times["moe"])),
-            "moe_share_of_step": moe_share(moe, batch),
+            "no_fast_path_vs_dense": statistics.median(d / m for d, m in zip(times["dense"], times["moe_no_fast_path"])),
         }
-        row["no_fast_path_vs_dense"] = statistics.median(
-            d / m for d, m in zip(times["dense"], times["moe_no_fast_path"])
-        )
+        row["moe_share_of_step"], row["router_share_of_step"] = moe_share(moe, batch)
         report["batches"][str(batch)] = row
         print(f"batch {batch}: MoE {row['moe_tokens_per_s']:.0f} tok/s, dense {row['dense_tokens_per_s']:.0f} tok/s, "
-              f"MoE/dense speed {row['moe_vs_dense']:.3f}"
-              + f" (without the decode fast path {row['no_fast_path_vs_dense']:.3f})"
-              + f"; MoE layers {100 * row['moe_share_of_step']:.0f}% of a decode step")
+              f"MoE/dense speed {row['moe_vs_dense']:.3f} (without the decode fast path "
+              f"{row['no_fast_path_vs_dense']:.3f}); MoE layers {100 * row['moe_share_of_step']:.0f}% of a decode step (routers "
+              f"{100 * row['router_share_of_step']:.0f}%)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {RESULTS}")
