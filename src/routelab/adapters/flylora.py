@@ -115,7 +115,7 @@ class FlyLoRA(LoRAExperts):
         decision = self.router.route_projected(h_TR)
         if self.dropout_p > 0:
             h_TR = self.lora_input(x_TD).to(A.dtype) @ A.T
-        return stacked_lora(h_TR.unsqueeze(-1), decision.dense_weights(), self.B) * self.scale, decision
+        return stacked_lora(h_TR.unsqueeze(-1), decision.dense_weights() * self.scale, self.B), decision
 
     def adapter_flops(self, decision: RoutingDecision | None) -> float:
         """The sparse down-projection (p non-zeros a row, all R rows: it also routes) and k active up-projections."""

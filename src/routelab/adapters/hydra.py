@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from routelab.adapters.linear import grouped_lora, init_lora_pair, mean_per_token, router_flops, stacked_lora
-from routelab.adapters.molora import MoLoRA
+from routelab.adapters.molora import MoLoRA, scaled
 from routelab.routing.base import RoutingDecision
 
 
@@ -31,8 +31,8 @@ class HydraLoRA(MoLoRA):
         h_TR = x_TD @ self.A.T  # the shared down-projection, once per token
         if self.execution_used == "stacked":
             E = self.num_experts
-            return stacked_lora(h_TR.unsqueeze(1).expand(-1, E, -1), decision.dense_weights(), self.B)
-        return grouped_lora(h_TR, decision, None, self.B)
+            return stacked_lora(h_TR.unsqueeze(1).expand(-1, E, -1), decision.dense_weights() * self.scale, self.B)
+        return grouped_lora(h_TR, scaled(decision, self.scale), None, self.B)
 
     def adapter_flops(self, decision: RoutingDecision | None) -> float:
         logits = 0 if decision is None or decision.router_logits is None else decision.router_logits.shape[1]

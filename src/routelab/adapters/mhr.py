@@ -67,12 +67,12 @@ class MHRLoRA(LoRAExperts):
         # Down: every head's slice of every skill's A in one batched matmul, then each head's mixture, summed.
         x_QTd = x_TD.view(T, Q, Dq).transpose(0, 1)
         hA_QTSR = torch.bmm(x_QTd, self.A.permute(0, 2, 1, 3).reshape(Q, Dq, S * R)).view(Q, T, S, R)
-        h_TR = (hA_QTSR * w_QTS.unsqueeze(-1)).sum(dim=(0, 2))
+        h_TR = (hA_QTSR * w_QTS.unsqueeze(-1)).sum(dim=(0, 2)) * self.scale  # alpha/r on the [T, r] side
         # Up: head q's output columns from Σ_s w_tqs h_t B_qs, again one batched matmul over the stacked skills.
         hw_QTX = (w_QTS.unsqueeze(-1) * h_TR.view(1, T, 1, R)).reshape(Q, T, S * R)
         y_QTo = torch.bmm(hw_QTX, self.B.reshape(Q, S * R, -1))
         y_TO = y_QTo.transpose(0, 1).reshape(T, self.out_features)
-        return y_TO * self.scale, merge_head_decisions(decisions, S)
+        return y_TO, merge_head_decisions(decisions, S)
 
     def adapter_flops(self, decision: RoutingDecision | None) -> float:
         """Per head, the active skills' slices (D/Q and O/Q wide), plus each head's gate."""

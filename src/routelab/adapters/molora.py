@@ -14,6 +14,7 @@ like an nn.Linear, B_e = 0 (PEFT's initialisation: the wrapped model starts equa
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -61,18 +62,24 @@ class MoLoRA(LoRAExperts):
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, RoutingDecision]:
         decision = self.route(x_TD, ctx)
         lora_x_TD = self.lora_input(x_TD).to(self.A.dtype)
-        return self.mix(lora_x_TD, decision) * self.scale, decision
+        return self.mix(lora_x_TD, decision), decision
 
     def mix(self, x_TD: Tensor, decision: RoutingDecision) -> Tensor:
-        """Σ_{(t,e)} w · B_e A_e x_t (unscaled), in the configured execution."""
+        """Σ_{(t,e)} w · B_e A_e x_t · alpha/r, in the configured execution (alpha/r folded into the weights: a
+        [T, E] or [S] multiply instead of one over the [T, O] output)."""
         E, R, D = self.A.shape
         if self.execution_used == "stacked":
             h_TER = (x_TD @ self.A.reshape(E * R, D).T).view(-1, E, R)
-            return stacked_lora(h_TER, decision.dense_weights(), self.B)
-        return grouped_lora(x_TD, decision, self.A, self.B)
+            return stacked_lora(h_TER, decision.dense_weights() * self.scale, self.B)
+        return grouped_lora(x_TD, scaled(decision, self.scale), self.A, self.B)
 
     def adapter_flops(self, decision: RoutingDecision | None) -> float:
         """Active adapter FLOPs per token: each assignment runs one rank-r LoRA (2·r·(D+O)), plus the gate."""
         logits = 0 if decision is None or decision.router_logits is None else decision.router_logits.shape[1]
         ept = 0.0 if decision is None else mean_per_token(decision)
         return 2.0 * self.r * (self.in_features + self.out_features) * ept + router_flops(self.in_features, logits)
+
+
+def scaled(decision: RoutingDecision, factor: float) -> RoutingDecision:
+    """The decision with its weights multiplied by `factor` (the LoRA scaling, applied where it is cheapest)."""
+    return dataclasses.replace(decision, weight=decision.weight * factor)

@@ -51,7 +51,7 @@ class SMoRA(MoLoRA):
     def mix(self, x_TD: Tensor, decision: RoutingDecision) -> Tensor:
         # gate = weight · (ranks the token selected): mean 1 over a token's ranks under "selected" weights.
         count_S = decision.experts_per_token()[decision.token_index].to(decision.weight.dtype)
-        gate_S = decision.weight * count_S
+        gate_S = decision.weight * count_S * self.scale
         R, _, D = self.A.shape
         if self.execution_used == "stacked":
             gate_TE = gate_S.new_zeros(decision.num_tokens, R).index_put(
