@@ -29,6 +29,8 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
     layers = routed_lora_layers(model)
     if not layers:
         raise ValueError("save_adapters: the model has no routed-LoRA layers (see routelab.adapters.add_lora_experts)")
+    if any(layer.spec is None for layer in layers.values()):
+        raise ValueError("save_adapters: a routed-LoRA layer has no AdapterSpec (build them with add_lora_experts)")
     specs = {json.dumps(layer.spec.to_dict(), sort_keys=True) for layer in layers.values()}
     if len(specs) != 1:
         raise ValueError("save_adapters: the model's routed-LoRA layers were built with different options; "

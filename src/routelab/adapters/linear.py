@@ -132,13 +132,13 @@ def mean_per_token(decision: RoutingDecision) -> float:
 class RoutedLoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a routed mixture of LoRA experts: `forward(x [..., D]) -> [..., O]`.
 
-    `base` keeps its parameters (frozen, requires_grad False) and its qualified name's `.base` suffix; `adapter` is a
-    `LoRAExperts` method. After a forward, `last_decision` holds the routing decision (detached tensors, aux losses
-    with their graph; `routelab.adapters.adapter_aux_loss(model)` sums them) and `last_adapter_flops` the active
-    adapter FLOPs per token.
+    `base` keeps its parameters (frozen, requires_grad False) under the `.base` suffix; `adapter` is a `LoRAExperts`
+    method; `spec` the `AdapterSpec` it was built from (set by `add_lora_experts`). After a forward, `last_decision`
+    holds the routing decision (detached tensors, aux losses with their graph; `adapter_aux_loss(model)` sums them)
+    and `last_adapter_flops` the active adapter FLOPs per token.
     """
 
-    def __init__(self, base: nn.Linear, adapter: LoRAExperts) -> None:
+    def __init__(self, base: nn.Linear, adapter: LoRAExperts, spec: Any = None) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -151,6 +151,7 @@ class RoutedLoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.adapter = adapter
+        self.spec = spec  # the AdapterSpec that built the adapter (add_lora_experts sets it; save_adapters needs it)
         self.last_decision: RoutingDecision | None = None
         self.last_adapter_flops: float = 0.0
 

@@ -159,9 +159,7 @@ def wrap_layers(model: nn.Module, names: list[str], spec: AdapterSpec) -> None:
     for name, adapter in built.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = RoutedLoRALinear(getattr(parent, child), adapter)
-        wrapped.spec = spec
-        setattr(parent, child, wrapped)
+        setattr(parent, child, RoutedLoRALinear(getattr(parent, child), adapter, spec))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
