@@ -262,12 +262,14 @@ class RoutingOverride:
     """The handle `override_routing` returns: `remove()` restores the original routing exactly; also a context
     manager (`with override_routing(model, k=1): ...`).
 
-    layers: the overridden MoE layer indices; options: {layer index: LayerOverride}.
+    layers: the overridden MoE layer indices; options: {layer index: LayerOverride}; info: what produced it (e.g.
+    `calibrate_skipping`'s thresholds), empty otherwise.
     """
 
     def __init__(self, layers: list[int], options: dict[int, LayerOverride], hooks: list[RemovableHandle]) -> None:
         self.layers = layers
         self.options = options
+        self.info: dict[str, Any] = {}
         self._hooks = hooks
 
     @property
