@@ -17,7 +17,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "tokens.",
     )
     parser.add_argument("model", help="a model folder (routelab train / save_model)")
-    parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one domain each")
+    parser.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files, one domain each (default: "
+                        "the held-out validation part of the built-in corpus, domains prose and code)")
     parser.add_argument("--out", required=True, help="report folder (new, empty, or an earlier analyze report)")
     add_window_options(parser)
     parser.add_argument("--segment-lengths", default="1,4,16,64", help="SRP/SCH segment lengths m (default %(default)s)")
@@ -26,7 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def add_window_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per window (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, help="tokens per window (default: 128, or the model's max_seq_len if less)")
     parser.add_argument("--windows", type=int, default=16, help="windows per domain (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
@@ -42,13 +43,15 @@ def load_inputs(command: str, args: argparse.Namespace, marker: str):
     from routelab.inference.windows import text_windows
 
     for name in ("seq_len", "windows", "batch_size", "threads"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             return fail(command, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         out = check_out_folder(args.out, marker)
         model, tokenizer = routelab.load_model(args.model)
     except (ValueError, OSError) as exc:
         return fail(command, exc)
+    if args.seq_len is None:
+        args.seq_len = min(128, model.config.max_seq_len)
     if args.seq_len > model.config.max_seq_len:
         return fail(command, f"--seq-len {args.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     torch.set_num_threads(args.threads)

@@ -21,7 +21,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "setting flags: k = 1..min(E, 4), top-p 0.3,0.5,0.7,0.9, min-weight-ratio 0.2,0.5, skip 0.2,0.4.",
     )
     parser.add_argument("model", help="a model folder (routelab train / save_model)")
-    parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one domain each")
+    parser.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files, one domain each (default: "
+                        "the held-out validation part of the built-in corpus, domains prose and code)")
     parser.add_argument("--out", required=True, help="report folder (new, empty, or an earlier sweep report)")
     parser.add_argument("--k", help="top-k values, e.g. 1,2,4")
     parser.add_argument("--top-p", help="top-p values in (0, 1], e.g. 0.3,0.5,0.7")
