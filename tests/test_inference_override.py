@@ -276,3 +276,30 @@ def test_patched_hf_model_k1_equals_hf_with_one_expert_per_token_and_generate():
     assert sum(t == 1 for t, _ in seen) >= 2 * 4  # incremental steps: one token at batch 1
     assert all(not (e == 1).any() and (e == 3).any() for _, e in seen)
     assert math.isfinite(float(out.float().sum()))
+
+
+def test_routelab_generate_with_kv_cache_under_an_override():
+    """Incremental decoding (KV cache, one token per step, left-padded batch) under an override gives the tokens of
+    a plain greedy loop that recomputes the whole sequence under the same override."""
+    model = _lm()
+    prompts = [[5, 9, 3, 7], [11, 2]]
+    seen: list[tuple[int, torch.Tensor]] = []
+    with torch.no_grad(), override_routing(model, mask={0: [0, 1]}, k={1: 1}, force={2: [5]}):
+        hooks = [layer.router.register_forward_hook(lambda m, a, d, j=j: seen.append((j, d)))
+                 for j, layer in enumerate(model.moe_layers)]
+        out = routelab.generate(model, prompts, max_new_tokens=5)
+        for h in hooks:
+            h.remove()
+        for prompt, new in zip(prompts, out.tokens):
+            ids = torch.tensor([prompt])
+            for _ in range(5):  # batch 1, full recompute
+                ids = torch.cat([ids, model(ids)[0][:, -1:].argmax(-1)], dim=1)
+            assert new == ids[0, len(prompt):].tolist()
+    assert any(d.num_tokens == 2 for _, d in seen)  # one new token per row per step
+    for j, d in seen:
+        if j == 0:
+            assert not torch.isin(d.expert_index, torch.tensor([0, 1])).any()
+        if j == 1:
+            assert d.experts_per_token().max() <= 1
+        if j == 2:
+            assert (d.expert_index == 5).sum() == (d.experts_per_token() > 0).sum()
