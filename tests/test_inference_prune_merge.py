@@ -170,3 +170,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="no MoE layers"):
         prune_experts(torch.nn.Linear(2, 2), DATA, keep=1)
     assert len(moe_layers(model)) == 2
+    torch.manual_seed(0)
+    ec = MoETransformerLM(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=32, num_experts=E,
+                                      router="expert_choice"))
+    for call in (lambda: calibrate_skipping(ec, DATA, 0.2), lambda: prune_experts(ec, DATA, keep=3)):
+        with pytest.raises(ValueError, match="ExpertChoiceRouter"):
+            call()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from routelab.inference._collect import batches, lm_logits
-from routelab.inference.override import RoutingOverride, moe_layers, override_routing
+from routelab.inference.override import RoutingOverride, moe_layers, override_routing, score_rule
 
 __all__ = ["calibrate_skipping"]
 
@@ -40,6 +40,8 @@ def calibrate_skipping(
     if not ok:
         raise ValueError(f"target_skip must be a number in [0, 1), got {target_skip!r}")
     layers = moe_layers(model)
+    for i, layer in enumerate(layers):  # an unsupported router fails here, before any forward
+        score_rule(layer.router, where=f"layer {i}'s router")
     L = len(layers)
     data_batches = list(batches(data, batch_size))
     was_training = model.training

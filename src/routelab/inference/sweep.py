@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from routelab.inference._collect import batches, token_losses
 from routelab.inference.calibrate import calibrate_skipping
-from routelab.inference.override import RoutingOverride, moe_layers, override_routing
+from routelab.inference.override import RoutingOverride, moe_layers, override_routing, score_rule
 
 __all__ = ["evaluate_routing", "sweep", "write_sweep"]
 
@@ -80,6 +80,8 @@ def sweep(
         if kind == "skip":
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
                 raise ValueError(f"skip values must be numbers in [0, 1), got {value!r}")
+            for i, layer in enumerate(moe_layers(model)):
+                score_rule(layer.router, where=f"layer {i}'s router")
         else:
             override_routing(model, **{kind: value}).remove()
     calib = calibration if calibration is not None else torch.cat(list(domains.values()))
