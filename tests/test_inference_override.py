@@ -303,3 +303,36 @@ def test_routelab_generate_with_kv_cache_under_an_override():
             assert d.experts_per_token().max() <= 1
         if j == 2:
             assert (d.expert_index == 5).sum() == (d.experts_per_token() > 0).sum()
+
+
+@pytest.mark.parametrize("name, options", [
+    ("topk", {"k": 2}), ("topk", {"k": 3, "normalize": "none"}), ("topk", {"k": 2, "score": "sigmoid"}),
+    ("topk", {"k": 2, "balance": "bip"}), ("top_p", {"p": 0.5}), ("top_p", {"p": 0.6, "normalize": "selected"}),
+    ("top_p", {"p": 0.3, "rule": "within", "min_k": 0}), ("cosine", {"k": 2}), ("cosine", {"k": 1}),
+])  # fmt: skip
+def test_an_option_that_changes_nothing_reproduces_each_supported_router(name, options):
+    """min_weight_ratio=0 runs the whole wrapper (scores, ranking, own count, weighting) and drops nothing."""
+    torch.manual_seed(0)
+    router = routelab.create_router(name, d_model=16, num_experts=6, aux_loss_coef=0.0, **options)
+    if name == "topk" and options.get("balance") == "bip":
+        router.bip_dual.copy_(torch.rand(6) * 0.2)
+    layer = routelab.MoELayer(16, 8, router).eval()
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        own = router(x)
+        with override_routing(layer, min_weight_ratio=0.0):
+            again = router(x)
+    assert _sets(again) == _sets(own)
+    w_own, w_again = _weights(own), _weights(again)
+    assert w_own.keys() == w_again.keys()
+    assert all(w_again[key] == pytest.approx(w, rel=1e-6, abs=1e-7) for key, w in w_own.items())
+
+
+def test_top_p_on_sigmoid_scores_uses_the_normalised_mass():
+    layer = _hand_layer(k=2)
+    layer.router.score = "sigmoid"
+    s = torch.tensor([[0.9, 0.6, 0.3, 0.2]])  # normalised mass 0.45, 0.30, 0.15, 0.10
+    with torch.no_grad(), override_routing(layer, top_p=0.7):
+        d = layer.router(torch.logit(s))
+    assert _sets(d) == [{0, 1}]
+    assert _weights(d)[(0, 0)] == pytest.approx(0.9 / 1.5)  # "selected": renormalised over the two
