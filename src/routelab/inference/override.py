@@ -37,7 +37,9 @@ similarity, null experts, group-limited top-k) decide in ways for which "the tok
 logit row alone, and `override_routing` refuses them with an error naming the layer and the router. A top-k router
 with a capacity is overridden dropless (capacity is a training device; under an override nothing is dropped).
 
-The decision keeps the router's aux losses and its original (unedited) logits in `router_logits`.
+The decision keeps the router's aux losses and its original (unedited) logits in `router_logits`. Overrides are
+meant for inference; in training mode the router's own statistics (loss-free loads, BIP duals) still accumulate from
+its own selection, not the overridden one.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from routelab.layers.moe import MoELayer
-from routelab.routing._util import flatten_choices, real_mask
+from routelab.routing._util import flatten_choices, top_indices
 from routelab.routing.base import Router, RoutingContext, RoutingDecision
 
 __all__ = ["LayerOverride", "RoutingOverride", "ScoreRule", "moe_layers", "override_routing", "redecide", "score_rule"]
@@ -81,6 +83,7 @@ class ScoreRule:
     scores:     logits [T, E] → scores [T, E] (the router's score function)
     rank_bias:  [E] added to the scores for ranking only (the loss-free bias, minus BIP duals), or None
     own_count:  scores [T, E] → LongTensor [T], how many experts the router itself gives each token
+    k:          that count when it is the same for every token (top-k routers), else None
     normalizes: the router divides its selected scores by their sum
     scaling:    the factor on every weight
     """
@@ -90,6 +93,7 @@ class ScoreRule:
     own_count: Callable[[Tensor], Tensor]
     normalizes: bool
     scaling: float
+    k: int | None = None
 
 
 def _constant(k: int) -> Callable[[Tensor], Tensor]:
@@ -109,7 +113,7 @@ def score_rule(router: Router, *, where: str = "router") -> ScoreRule:
             bias = router.expert_bias
         elif router.balance == "bip":
             bias = -router.bip_dual
-        return ScoreRule(score, bias, _constant(router.k), router.normalize == "selected", router.scaling)
+        return ScoreRule(score, bias, _constant(router.k), router.normalize == "selected", router.scaling, router.k)
     if isinstance(router, TopPRouter) and not router.num_null_experts and not router.num_fixed:
 
         def own_count(probs_TE: Tensor) -> Tensor:
@@ -121,7 +125,7 @@ def score_rule(router: Router, *, where: str = "router") -> ScoreRule:
 
         return ScoreRule(lambda z: z.softmax(-1), None, own_count, router.normalize == "selected", 1.0)
     if isinstance(router, CosineRouter):
-        return ScoreRule(lambda z: z.softmax(-1), None, _constant(router.k), router.k > 1, 1.0)
+        return ScoreRule(lambda z: z.softmax(-1), None, _constant(router.k), router.k > 1, 1.0, router.k)
     what = type(router).__name__
     if isinstance(router, TopKRouter):
         what += " with group-limited selection (n_group)"
@@ -165,7 +169,7 @@ def redecide(
     """Steps 1-6 of the module docstring on one router decision; returns the new decision.
 
     decision: the router's own decision (its `router_logits` [T, E] are required); real_T: BoolTensor [T], False
-    for padding (which gets no assignment); default all True.
+    for padding (which gets no assignment); default all True. Shape legend: N ranked slots (N ≤ E).
     """
     if spec.is_identity():
         return decision
@@ -174,69 +178,80 @@ def redecide(
         raise ValueError("routing overrides need the router's logits over its experts in RoutingDecision.router_logits")
     T, E = logits_TE.shape
     device = logits_TE.device
-    if real_T is None:
-        real_T = torch.ones(T, dtype=torch.bool, device=device)
-    no_E = torch.zeros(E, dtype=torch.bool, device=device)
-    mask_E = no_E if spec.mask is None else spec.mask.to(device)
-    force_E = no_E if spec.force is None else spec.force.to(device)
+    n_masked = 0 if spec.mask is None else int(spec.mask.sum())
+    n_forced = 0 if spec.force is None else int(spec.force.sum())
+    mask_E = None if spec.mask is None else spec.mask.to(device)
+    force_E = None if spec.force is None else spec.force.to(device)
 
     # 1-2: logits → scores.
     z_TE = logits_TE
     if spec.logit_bias is not None:
         z_TE = z_TE + spec.logit_bias.to(device=device, dtype=z_TE.dtype)
-    if spec.mask is not None:
+    if mask_E is not None:
         z_TE = z_TE.masked_fill(mask_E, float("-inf"))
     scores_TE = rule.scores(z_TE)
 
     # 3: ranking (forced first, masked never) and how many each token takes.
+    count = spec.k if spec.top_p is None else None  # a count shared by every token, when there is one
+    if count is None and spec.top_p is None and spec.k is None:
+        count = rule.k
     with torch.no_grad():
         rank_TE = scores_TE.detach()
         if rule.rank_bias is not None:
             rank_TE = rank_TE + rule.rank_bias.to(device=device, dtype=rank_TE.dtype)
-        rank_TE = rank_TE.masked_fill(force_E, float("inf")).masked_fill(mask_E, float("-inf"))
-        order_TE = torch.sort(rank_TE, dim=-1, descending=True, stable=True).indices
-        n_allowed = E - int(mask_E.sum())
-        if spec.top_p is not None:
-            mass_TE = scores_TE.detach().masked_fill(mask_E, 0.0)
-            mass_TE = mass_TE / mass_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(mass_TE.dtype).tiny)
-            cum_TE = mass_TE.gather(1, order_TE).cumsum(-1)
-            count_T = (cum_TE < spec.top_p).sum(-1) + 1
-            if spec.k is not None:
-                count_T = count_T.clamp_max(spec.k)
-        elif spec.k is not None:
-            count_T = torch.full((T,), spec.k, dtype=torch.long, device=device)
+        if force_E is not None:
+            rank_TE = rank_TE.masked_fill(force_E, float("inf"))
+        if mask_E is not None:
+            rank_TE = rank_TE.masked_fill(mask_E, float("-inf"))
+        if count is not None:
+            # NOTE: a fixed count needs only the first N of the ranking; top_indices breaks ties like the stable sort.
+            N = min(max(count, n_forced), E - n_masked)
+            order_TN = top_indices(rank_TE, N)
+            picked_TN = torch.ones(T, N, dtype=torch.bool, device=device)
         else:
-            count_T = rule.own_count(scores_TE.detach())
-        count_T = count_T.clamp(min=int(force_E.sum()), max=n_allowed)
-        picked_TE = (torch.arange(E, device=device) < count_T[:, None]) & real_T[:, None]
-        forced_TE = force_E[order_TE]
+            order_TN = torch.sort(rank_TE, dim=-1, descending=True, stable=True).indices
+            if spec.top_p is not None:
+                mass_TE = scores_TE.detach() if mask_E is None else scores_TE.detach().masked_fill(mask_E, 0.0)
+                mass_TE = mass_TE / mass_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(mass_TE.dtype).tiny)
+                count_T = (mass_TE.gather(1, order_TN).cumsum(-1) < spec.top_p).sum(-1) + 1
+                if spec.k is not None:
+                    count_T = count_T.clamp_max(spec.k)
+            else:
+                count_T = rule.own_count(scores_TE.detach())
+            count_T = count_T.clamp(min=n_forced, max=E - n_masked)
+            picked_TN = torch.arange(E, device=device) < count_T[:, None]
+        if real_T is not None:
+            picked_TN = picked_TN & real_T[:, None]
 
     # 4: the router's weighting of the selected set.
-    s_TE = scores_TE.gather(1, order_TE)  # scores in ranking order; keeps the graph to the router
-    tiny = torch.finfo(s_TE.dtype).tiny
+    s_TN = scores_TE.gather(1, order_TN)  # scores in ranking order; keeps the graph to the router
+    tiny = torch.finfo(s_TN.dtype).tiny
     if rule.normalizes:
-        w_TE = s_TE / (s_TE * picked_TE).sum(-1, keepdim=True).clamp_min(tiny) * rule.scaling
+        w_TN = s_TN / (s_TN * picked_TN).sum(-1, keepdim=True).clamp_min(tiny) * rule.scaling
     else:
-        w_TE = s_TE * rule.scaling
+        w_TN = s_TN * rule.scaling
 
     # 5: drops.
-    keep_TE = picked_TE
-    with torch.no_grad():
-        w_det_TE = w_TE.detach()
-        if spec.min_weight_ratio is not None:
-            top_T = w_det_TE.masked_fill(~picked_TE, float("-inf")).amax(-1, keepdim=True)
-            keep_TE = keep_TE & ((w_det_TE >= spec.min_weight_ratio * top_T) | forced_TE)
-        if spec.min_weight is not None:
-            keep_TE = keep_TE & ((w_det_TE >= spec.min_weight) | forced_TE)
+    keep_TN = picked_TN
+    drops = spec.min_weight_ratio is not None or spec.min_weight is not None
+    if drops:
+        with torch.no_grad():
+            w_det_TN = w_TN.detach()
+            forced_TN = force_E[order_TN] if force_E is not None else torch.zeros_like(picked_TN)
+            if spec.min_weight_ratio is not None:
+                top_T = w_det_TN.masked_fill(~picked_TN, float("-inf")).amax(-1, keepdim=True)
+                keep_TN = keep_TN & ((w_det_TN >= spec.min_weight_ratio * top_T) | forced_TN)
+            if spec.min_weight is not None:
+                keep_TN = keep_TN & ((w_det_TN >= spec.min_weight) | forced_TN)
 
     # 6: renormalisation.
-    if spec.renormalize is None and rule.normalizes:
-        w_TE = s_TE / (s_TE * keep_TE).sum(-1, keepdim=True).clamp_min(tiny) * rule.scaling
+    if spec.renormalize is None and rule.normalizes and drops:
+        w_TN = s_TN / (s_TN * keep_TN).sum(-1, keepdim=True).clamp_min(tiny) * rule.scaling
     elif spec.renormalize:
-        mass_T = w_TE.new_zeros(T).index_add(0, decision.token_index, decision.weight.to(w_TE.dtype))
-        w_TE = w_TE / (w_TE * keep_TE).sum(-1, keepdim=True).clamp_min(tiny) * mass_T[:, None]
+        mass_T = w_TN.new_zeros(T).index_add(0, decision.token_index, decision.weight.to(w_TN.dtype))
+        w_TN = w_TN / (w_TN * keep_TN).sum(-1, keepdim=True).clamp_min(tiny) * mass_T[:, None]
 
-    token_S, expert_S, weight_S = flatten_choices(order_TE, w_TE, keep_TE)
+    token_S, expert_S, weight_S = flatten_choices(order_TN, w_TN, keep_TN)
     return dataclasses.replace(
         decision, token_index=token_S, expert_index=expert_S, weight=weight_S, num_dropped=0
     )
@@ -253,8 +268,8 @@ class _OverrideHook:
 
     def __call__(self, router: nn.Module, args: tuple, kwargs: dict, decision: RoutingDecision) -> RoutingDecision:
         ctx = args[1] if len(args) > 1 else kwargs.get("ctx")
-        x_TD = args[0] if args else kwargs["x_TD"]
-        real_T = real_mask(ctx if isinstance(ctx, RoutingContext) else None, decision.num_tokens, x_TD.device)
+        pad_T = ctx.flat_padding_mask(decision.num_tokens) if isinstance(ctx, RoutingContext) else None
+        real_T = None if pad_T is None else ~pad_T.to(decision.token_index.device)
         return redecide(decision, self.rule, self.spec, real_T)
 
 
