@@ -7,7 +7,17 @@ import importlib
 import sys
 
 # Subcommands in the order `routelab --help` lists them; each names a module of routelab.commands.
-COMMANDS = ("compare", "train", "eval", "generate", "finetune", "routers", "demo")
+COMMANDS = (
+    "compare",
+    "train",
+    "eval",
+    "generate",
+    "finetune",
+    "analyze",
+    "sweep",
+    "routers",
+    "demo",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
