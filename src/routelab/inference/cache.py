@@ -626,8 +626,8 @@ def plot_hit_rates(results: Sequence[CacheResult], path: str | Path, *, title: s
         rs = sorted(rs, key=lambda r: r.capacity)
         x, y = [r.capacity for r in rs], [r.hit_rate for r in rs]
         if policy == "belady":
-            ax.plot(x, y, "k--", marker="o", label="belady (optimal bound)")
-            ax.fill_between(x, y, 1.0, color="0.9", label="unreachable")
+            ax.plot(x, y, "k--", marker="o", label="belady (optimal demand loading)")
+            ax.fill_between(x, y, 1.0, color="0.9", label="unreachable without prefetch")
         else:
             ax.plot(x, y, marker="o", label=policy)
     scope = results[0].scope if results else "layer"

@@ -202,7 +202,7 @@ def predict_next(router: nn.Module, next_router: nn.Module, x_TD: Tensor, ctx: R
     ctx = (ctx or RoutingContext()).replace(state=decision.state)
     if ctx.layer_index is not None:
         ctx = ctx.replace(layer_index=ctx.layer_index + 1)
-    guess = next_router(x_TD, ctx)
+    guess = next_router.forward(x_TD, ctx)  # .forward: no hooks fire (recorders and executors watch __call__)
     choice = torch.zeros(x_TD.shape[0], next_router.num_experts, dtype=torch.bool, device=x_TD.device)
     choice[guess.token_index, guess.expert_index] = True
     return choice
