@@ -41,13 +41,16 @@ from torch import Tensor, nn
 
 from routelab._atomic import atomic_write_bytes, atomic_write_text
 from routelab._checks import check_bool, check_choice, check_int
-from routelab.dispatch.permute import DispatchPlan, combine
-from routelab.experts.base import ExpertBank
+from routelab.dispatch.local import LocalDispatcher
+from routelab.dispatch.permute import make_plan
+from routelab.dispatch.routed_swiglu import routed_swiglu
+from routelab.experts.base import ExpertBank, ExpertFn
 from routelab.experts.clamped import ClampedSwiGLUExperts
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.inference.cache import NEVER, POLICIES, SCOPES, Cache, CapacityError, demand, make_cache
 from routelab.inference.trace import RoutingTrace, TraceError, model_fingerprint, moe_layers, predict_next
 from routelab.layers.moe import MoELayer
+from routelab.routing.base import RoutingDecision
 
 STORE_FORMAT, STORE_VERSION = "routelab-expert-store", 1
 MANIFEST = "manifest.json"
@@ -277,7 +280,12 @@ class OffloadExecutor:
 
 
 class OffloadedExperts(ExpertBank):
-    """An expert bank whose weights are in an `ExpertStore`, served by an `OffloadExecutor`'s cache. No parameters."""
+    """An expert bank whose weights are in an `ExpertStore`, served by an `OffloadExecutor`'s cache. No parameters.
+
+    Through the generic seam (`ExpertBank.forward` → `active_experts`), it asks the cache for the experts that have
+    rows and runs each like the resident bank's `expert`; `OffloadDispatcher` gives a plain SwiGLU bank the resident
+    fused kernel's arithmetic. Either way the outputs are the resident model's, bit for bit.
+    """
 
     def __init__(self, executor: OffloadExecutor, layer_index: int) -> None:
         info = executor.store.layers[layer_index]
@@ -289,29 +297,22 @@ class OffloadedExperts(ExpertBank):
         self.fused = bool(info.get("fused", False))
         self.alpha, self.limit = info.get("alpha"), info.get("limit")
 
-    def routed(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-        sizes = plan.group_sizes_E.tolist()
-        needed = [e for e, n in enumerate(sizes) if n]
-        weights = self.executor.step(self.layer_index, needed)
+    def forward(self, rows_SD: Tensor, counts_E: Tensor) -> Tensor:
         try:
-            if self.kind == "swiglu" and self.fused:
-                return _fused_swiglu(x_TD, plan, sizes, weights)
-            rows_SD = x_TD.index_select(0, plan.token_S)
-            return combine(self._rows(rows_SD, sizes, weights), plan)
+            return super().forward(rows_SD, counts_E)
         finally:
             self.executor.after_layer(self.layer_index)
 
-    def _rows(self, rows_SD: Tensor, sizes: list[int], weights: dict[int, dict[str, Tensor]]) -> Tensor:
-        # NOTE: the resident banks' generic path: split by expert, one expert at a time, concatenated.
-        slices = rows_SD.split(sizes)
-        outputs = [self._expert(rows_ND, weights[e]) for e, rows_ND in enumerate(slices) if rows_ND.shape[0]]
-        if not outputs:
-            return rows_SD.new_zeros(0, self.d_model)
-        return torch.cat(outputs)
+    def active_experts(self, experts: list[int]) -> list[ExpertFn]:
+        weights = self.executor.step(self.layer_index, experts)
+        return [lambda x_ND, w=weights[e]: self._expert(x_ND, w) for e in experts]
+
+    def expert(self, x_ND: Tensor, e: int) -> Tensor:
+        return self.active_experts([e])[0](x_ND)
 
     def _expert(self, x_ND: Tensor, w: dict[str, Tensor]) -> Tensor:
         F_ = self.d_ff
-        if self.kind == "swiglu":  # SwiGLUExperts.forward → swiglu()
+        if self.kind == "swiglu":  # experts/swiglu.py: swiglu()
             h_N2F = x_ND @ w["w_gate_up"]
             return (F.silu(h_N2F[:, :F_]) * h_N2F[:, F_:]) @ w["w_down"]
         # ClampedSwiGLUExperts.expert, in the same operation order
@@ -326,35 +327,43 @@ class OffloadedExperts(ExpertBank):
             y_ND = y_ND + w["b_down"]
         return y_ND
 
-    def forward(self, rows_SD: Tensor, group_sizes_E: Tensor) -> Tensor:
-        sizes = group_sizes_E.tolist()
-        weights = self.executor.step(self.layer_index, [e for e, n in enumerate(sizes) if n])
-        try:
-            return self._rows(rows_SD, sizes, weights)
-        finally:
-            self.executor.after_layer(self.layer_index)
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layer={self.layer_index}, kind={self.kind}, offloaded"
 
 
-def _fused_swiglu(x_TD: Tensor, plan: DispatchPlan, sizes: list[int], weights) -> Tensor:
-    """`dispatch/routed_swiglu.py`'s forward, with each expert's weights from the cache instead of the [E, ...] bank."""
-    weight_S = plan.weight_S.to(x_TD.dtype)
-    y_TD = x_TD.new_zeros(x_TD.shape)
-    start = 0
-    for e, n in enumerate(sizes):
-        if n:
-            s0, s1 = start, start + n
-            w = weights[e]
-            F_ = w["w_down"].shape[0]
-            token_N = plan.token_S[s0:s1]
-            x_ND = x_TD.index_select(0, token_N)
-            h_N2F = x_ND @ w["w_gate_up"]
-            act_NF = F.silu(h_N2F[:, :F_]).mul_(h_N2F[:, F_:]).mul_(weight_S[s0:s1, None])
-            y_TD.index_add_(0, token_N, act_NF @ w["w_down"])
-        start += n
-    return y_TD
+class _CachedWeights:
+    """Indexable like an [E, ...] weight bank, but holds only the cached experts' tensors (for the fused kernel)."""
+
+    requires_grad = False
+
+    def __init__(self, weights: dict[int, dict[str, Tensor]], name: str, shape: tuple[int, ...]) -> None:
+        self.weights, self.name, self.shape = weights, name, shape
+
+    def __getitem__(self, e: int) -> Tensor:
+        return self.weights[e][self.name]
+
+
+class OffloadDispatcher(LocalDispatcher):
+    """The local dispatcher, whose fused SwiGLU path (`dispatch/routed_swiglu.py`, the resident default) also runs an
+    offloaded SwiGLU bank: the kernel indexes its weight banks by expert, and gets the cached experts' tensors."""
+
+    def can_fuse(self, experts: nn.Module) -> bool:
+        if isinstance(experts, OffloadedExperts):
+            return experts.kind == "swiglu" and experts.fused
+        return super().can_fuse(experts)
+
+    def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
+        if not isinstance(experts, OffloadedExperts):
+            return super().fused(x_TD, decision, experts)
+        plan = make_plan(decision)
+        sizes = plan.group_sizes_E.tolist()
+        weights = experts.executor.step(experts.layer_index, [e for e, n in enumerate(sizes) if n])
+        E, D, F_ = experts.num_experts, experts.d_model, experts.d_ff
+        try:
+            return routed_swiglu(x_TD, plan.token_S, plan.weight_S, sizes, _CachedWeights(weights, "w_gate_up",
+                                 (E, D, 2 * F_)), _CachedWeights(weights, "w_down", (E, F_, D)))
+        finally:
+            experts.executor.after_layer(experts.layer_index)
 
 
 # -- the entry point -------------------------------------------------------------------------------------------------
@@ -396,6 +405,9 @@ def offload_experts(
         if isinstance(layer.experts, OffloadedExperts):
             raise ValueError(f"MoE layer {i} is already offloaded")
         _bank_tensors(layer.experts)  # TypeError for a bank the executor cannot run
+        if type(layer.dispatcher) is not LocalDispatcher:
+            raise TypeError(f"MoE layer {i} uses a {type(layer.dispatcher).__name__}; offloading runs layers with the "
+                            "local dispatcher (all experts in this process)")
         need = _min_capacity(layer)
         if capacity < need:
             raise CapacityError(f"capacity={capacity} is below the {need} experts one token needs at MoE layer {i} "
@@ -428,6 +440,7 @@ def offload_experts(
     executor._trace_used = trace_used
     for i, layer in enumerate(layers):
         layer.experts = OffloadedExperts(executor, i)
+        layer.dispatcher = OffloadDispatcher()
     if prefetch:
         _install_prefetch_hooks(executor, layers)
     return executor
