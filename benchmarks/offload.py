@@ -146,7 +146,8 @@ def run_model(name, model, gen, prompt, n_new, rounds, experts):
                     hit_rate, read = totals["hit_rate"], totals["bytes_read"]
             label = policy + (" + prefetch" if prefetch else "")
             rows.append({"model": name, "capacity": capacity, "experts": experts, "policy": label,
-                         "hit_rate": hit_rate, "belady_hit_rate": bound, "tokens_per_s_ratio": statistics.median(ratios),
+                         "hit_rate": hit_rate, "belady_hit_rate": bound,
+                         "tokens_per_s_ratio": statistics.median(ratios),
                          "mb_read_per_token": read / 1e6 / n_new})
             print(f"{name:9s} cap {capacity}/{experts} {label:15s} hit {hit_rate:.3f} (belady {bound:.3f}) "
                   f"tokens/s ×{rows[-1]['tokens_per_s_ratio']:.2f} of resident, {rows[-1]['mb_read_per_token']:.3f} "
@@ -186,7 +187,8 @@ def simulator_speed(n_steps: int, loop_steps: int, rounds: int) -> dict:
           f"{out['lru_vector_layer_steps_per_cpu_s'] / 1e6:.2f} M per CPU second, on a {n_steps:,}-step trace; "
           f"step-by-step engine {out['loop_layer_steps_per_s'] / 1e3:.0f} k/s wall, "
           f"{out['loop_layer_steps_per_cpu_s'] / 1e3:.0f} k per CPU second "
-          f"(vectorised ×{out['lru_vector_layer_steps_per_cpu_s'] / out['loop_layer_steps_per_cpu_s']:.0f})", flush=True)
+          f"(vectorised ×{out['lru_vector_layer_steps_per_cpu_s'] / out['loop_layer_steps_per_cpu_s']:.0f})",
+          flush=True)
     return out
 
 

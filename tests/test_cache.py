@@ -134,7 +134,7 @@ def test_belady_bounds_every_policy_on_random_traces(seed, capacity, scope):
 def test_belady_bounds_every_policy_on_a_real_model_trace(shared_data):
     from routelab.models.transformer import ModelConfig, MoETransformerLM
 
-    text = (shared_data / "tinyshakespeare.txt").read_bytes()[:3000]
+    text = (shared_data / "tinyshakespeare.txt").read_bytes()[:1600]
     ids = torch.tensor(list(text), dtype=torch.long) % 256
     torch.manual_seed(0)
     model = MoETransformerLM(ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=4, d_ff=24, num_experts=8,
@@ -143,7 +143,7 @@ def test_belady_bounds_every_policy_on_a_real_model_trace(shared_data):
     for moe in model.moe_layers:
         torch.nn.init.normal_(moe.router.gate.weight, std=2.0)
     trace = record_trace(model, list(ids.split(100)), predict=True).per_token()
-    for capacity in (2, 3, 4, 6):
+    for capacity in (2, 4, 6):
         best = simulate_cache(trace, capacity, "belady")
         results = [simulate_cache(trace, capacity, p) for p in ("lru", "lfu", "arc", "pregated")]
         for r in results[:3]:
@@ -180,7 +180,7 @@ def test_arc_keeps_a_frequent_expert_through_a_scan():
 
 
 def test_exact_prefetch_hides_loads_and_stall():
-    # layer 1 predicted perfectly: every layer-1 access is a prefetch hit, and the stall is only what compute cannot hide
+    # layer 1 predicted perfectly: every layer-1 access is a prefetch hit; only what compute cannot hide stalls
     rng = np.random.default_rng(0)
     layers = [[list(rng.choice(8, 2, replace=False)) for _ in range(200)] for _ in range(2)]
     exact = make_trace(layers, 8)

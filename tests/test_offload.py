@@ -188,7 +188,7 @@ def test_a_step_beyond_the_capacity_and_a_corrupted_store_fail_clearly(tmp_path)
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # flip bits inside the last expert's last tensor
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="layer0.safetensors is corrupted: tensor expert.7.w_(gate_up|down) fails its CRC"):
+    with pytest.raises(StoreError, match=r"layer0.safetensors is corrupted: tensor expert.7.w_\w+ fails its CRC"):
         for ids in decode_inputs(60):
             model(ids)
     path.write_bytes(bytes(data[:100]))

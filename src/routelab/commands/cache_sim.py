@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         scale = L if args.scope == "global" else 1
         capacities = sorted({max(need, round(E * f) * scale) for f in (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)})
-    out = Path(args.out) if args.out else Path(args.trace).with_suffix("").with_name(Path(args.trace).stem + "-cache-sim")
+    trace_path = Path(args.trace)
+    out = Path(args.out) if args.out else trace_path.with_name(trace_path.stem + "-cache-sim")
     problem = _check_out(out)
     if problem:
         return fail("cache-sim", problem)

@@ -145,7 +145,8 @@ def _offload(args: argparse.Namespace, model, num_prompts: int) -> dict:
     need = min(E, num_prompts * max(ks))
     if capacity < need:
         raise ValueError(f"--capacity {capacity} is below the {need} experts one decode step of {num_prompts} "
-                         f"prompt(s) may need at once (k={max(ks)} per token); use --capacity >= {need} or fewer prompts")
+                         f"prompt(s) may need at once (k={max(ks)} per token); use --capacity >= {need} or fewer "
+                         "prompts")
     chunk = args.prefill_chunk or (None if capacity >= E else 1)
     temporary = args.store is None
     store = Path(tempfile.mkdtemp(prefix="routelab-experts-")) if temporary else Path(args.store)

@@ -405,7 +405,9 @@ def _next_use_tables(used: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _simulate_loop(d: Demand, capacity: int, policy: str, scope: str, bandwidth: float, compute_s: float) -> CacheResult:
+def _simulate_loop(
+    d: Demand, capacity: int, policy: str, scope: str, bandwidth: float, compute_s: float
+) -> CacheResult:
     L, S = len(d.used), d.num_steps
     E_max = max((u.shape[1] for u in d.used), default=1)
     needed = [[np.flatnonzero(row).tolist() for row in used_SE] for used_SE in d.used]

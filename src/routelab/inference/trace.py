@@ -7,15 +7,15 @@ Shape legend: N tokens in the trace, K expert slots per token (padded), P predic
 
 File layout (`save_trace` / `load_trace`; one safetensors file, no pickle):
 
-| tensor                  | dtype        | shape       | meaning                                                        |
-|-------------------------|--------------|-------------|----------------------------------------------------------------|
-| `token_ids`             | int32        | [N]         | input token ids, in the order the model processed them         |
-| `sequence_ids`          | int32        | [N]         | which sequence each token belongs to (sequence boundaries)     |
-| `positions`             | int32        | [N]         | position of the token in its sequence                          |
-| `step_offsets`          | int64        | [steps + 1] | tokens [off[i], off[i+1]) went through the model in forward i  |
-| `layers.{l}.experts`    | int16/int32  | [N, K_l]    | selected expert ids of MoE layer l, -1 where a token has fewer |
-| `layers.{l}.weights`    | float32      | [N, K_l]    | their combine weights, 0 on padding slots                      |
-| `layers.{l}.predicted`  | int16/int32  | [N, P_l]    | optional, l ≥ 1: experts of layer l predicted one layer early  |
+| tensor                 | dtype       | shape       | meaning                                                        |
+|------------------------|-------------|-------------|----------------------------------------------------------------|
+| `token_ids`            | int32       | [N]         | input token ids, in the order the model processed them         |
+| `sequence_ids`         | int32       | [N]         | which sequence each token belongs to (sequence boundaries)     |
+| `positions`            | int32       | [N]         | position of the token in its sequence                          |
+| `step_offsets`         | int64       | [steps + 1] | tokens [off[i], off[i+1]) went through the model in forward i  |
+| `layers.{l}.experts`   | int16/int32 | [N, K_l]    | selected expert ids of MoE layer l, -1 where a token has fewer |
+| `layers.{l}.weights`   | float32     | [N, K_l]    | their combine weights, 0 on padding slots                      |
+| `layers.{l}.predicted` | int16/int32 | [N, P_l]    | optional, l ≥ 1: experts of layer l predicted one layer early  |
 
 Token order is decode order: forward by forward, and inside a forward of shape [B, L] row by row (b-major), so a
 prefill forward is one step of B·L tokens and every KV-cached decode forward one step of B tokens. Ids are int16
@@ -86,10 +86,13 @@ class RoutingTrace:
             if ids.ndim != 2 or ids.shape[0] != N or w.shape != ids.shape:
                 raise TraceError(f"trace layer {layer}: experts {ids.shape} and weights {w.shape} must be [{N}, K]")
             if ids.size and (ids.min() < -1 or ids.max() >= E):
-                raise TraceError(f"trace layer {layer}: expert ids must lie in [-1, {E}), got [{ids.min()}, {ids.max()}]")
+                raise TraceError(
+                    f"trace layer {layer}: expert ids must lie in [-1, {E}), got [{ids.min()}, {ids.max()}]"
+                )
         for layer, pred in enumerate(self.predicted):
-            if pred is not None and (pred.ndim != 2 or pred.shape[0] != N or (pred.size and pred.max() >= self.num_experts[layer])):
-                raise TraceError(f"trace layer {layer}: predicted ids must be [{N}, P] in [-1, {self.num_experts[layer]})")
+            E = self.num_experts[layer]
+            if pred is not None and (pred.ndim != 2 or pred.shape[0] != N or (pred.size and pred.max() >= E)):
+                raise TraceError(f"trace layer {layer}: predicted ids must be [{N}, P] in [-1, {E})")
 
     @property
     def num_tokens(self) -> int:
@@ -353,7 +356,9 @@ def record_trace(
             i = 0
             while i < len(seqs):
                 batch = [seqs[i]]
-                while len(batch) < batch_size and i + len(batch) < len(seqs) and len(seqs[i + len(batch)]) == len(seqs[i]):
+                while len(batch) < batch_size and i + len(batch) < len(seqs):
+                    if len(seqs[i + len(batch)]) != len(seqs[i]):
+                        break
                     batch.append(seqs[i + len(batch)])
                 i += len(batch)
                 rec.new_sequences()

@@ -14,8 +14,8 @@ Algorithm (fp32):
     every layer:                 state = W_next^(l) x_l               # the next layer's logits
     p = softmax(z), top-k, "selected" weights (k = 1: "none"), Switch aux loss.
 The logits travel in `RoutingDecision.state` → `RoutingContext.state`, with their graph, so layer l+1's task loss
-and aux loss train W_next^(l) ("trained with the model"). `next_layer_choice(decision, next_router)` gives the next layer's
-selection as a boolean [T, E] mask, computed exactly as that layer will compute it.
+and aux loss train W_next^(l) ("trained with the model"). `next_layer_choice(decision, next_router)` gives the next
+layer's selection as a boolean [T, E] mask, computed exactly as that layer will compute it.
 
 Options (keyword-only) and defaults: k=2, aux_loss_coef=1e-2.
 
