@@ -17,7 +17,7 @@ from routelab.inference.cache import (
     lru_ranks,
     plot_hit_rates,
     simulate_cache,
-    sweep,
+    sweep_cache,
 )
 from routelab.inference.trace import RoutingTrace, record_trace
 
@@ -221,7 +221,7 @@ def test_bad_options_name_the_parameter(tmp_path):
 
 def test_sweep_and_plot(tmp_path):
     trace = random_trace(3, N=200, L=2)
-    results = sweep(trace, [2, 4, 8], ["lru", "lfu", "arc", "belady"])
+    results = sweep_cache(trace, [2, 4, 8], ["lru", "lfu", "arc", "belady"])
     assert len(results) == 12
     path = plot_hit_rates(results, tmp_path / "hits.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -48,7 +48,7 @@ def _ints(text: str, option: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from routelab.inference.cache import GRANULARITIES, POLICIES, SCOPES, demand, plot_hit_rates, sweep
+    from routelab.inference.cache import GRANULARITIES, POLICIES, SCOPES, demand, plot_hit_rates, sweep_cache
     from routelab.inference.trace import TraceError, load_trace
 
     if args.scope not in SCOPES:
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         return fail("cache-sim", problem)
     try:
-        results = sweep(trace, capacities, policies, scope=args.scope, granularity=args.granularity,
+        results = sweep_cache(trace, capacities, policies, scope=args.scope, granularity=args.granularity,
                         bandwidth=args.bandwidth, compute_s=args.compute_us * 1e-6)
     except ValueError as exc:  # a capacity below one step's need, a policy without predictions
         return fail("cache-sim", exc)

@@ -1,7 +1,7 @@
 """Inference-side tools that read routed models: routing traces, cache simulation, offloaded execution, batching."""
 
 from routelab.inference.batching import BatchPlan, request_experts, schedule_batches
-from routelab.inference.cache import CacheResult, CapacityError, plot_hit_rates, simulate_cache, sweep
+from routelab.inference.cache import CacheResult, CapacityError, plot_hit_rates, simulate_cache, sweep_cache
 from routelab.inference.offload import OffloadExecutor, StoreError, offload_experts
 from routelab.inference.trace import RoutingTrace, TraceError, TraceRecorder, load_trace, record_trace, save_trace
 
@@ -22,5 +22,5 @@ __all__ = [
     "save_trace",
     "schedule_batches",
     "simulate_cache",
-    "sweep",
+    "sweep_cache",
 ]

@@ -587,7 +587,7 @@ def lru_sweep(
     return results
 
 
-def sweep(
+def sweep_cache(
     trace: RoutingTrace,
     capacities: Iterable[int],
     policies: Iterable[str] = ("lru", "lfu", "arc", "belady"),
