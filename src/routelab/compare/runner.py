@@ -1,7 +1,8 @@
 """Run a comparison: the same model, data, seed, batch order and token budget for every router variant.
 
 Setup (data, tokenizer, validation of every variant) happens before anything trains; then each variant trains in
-its own folder (`variants/<name>/`: metrics.jsonl, checkpoint, result.json), and the report is written from the
+its own folder (`variants/<name>/`: metrics.jsonl, checkpoint, result.json, and the final model folder `model/`
+that `routelab.load_model` reads), and the report is written from the
 collected results. With `resume`, finished variants are read back and unfinished ones continue from their
 checkpoints. Every result.json records the hash of its variant's full effective configuration and of the data's
 contents (`variant_hash`); `resume` reuses a result only when the hash matches and the variant did not fail, and
@@ -32,6 +33,7 @@ from routelab._atomic import atomic_write_text
 from routelab._runs import RunLayout, check_out, claim_out
 from routelab.train.checkpoint import CHECKPOINT_JSON
 from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
+from routelab.models.io import save_model
 from routelab.models.transformer import MoETransformerLM
 
 RESULTS_FORMAT = 1
@@ -228,6 +230,10 @@ def run_variant(
         return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     model, final = run.model, run.final
+    save_model(model, data.tokenizer, out_dir / "model", training=json_safe({
+        "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
+        "final": {"val_loss": final["val_loss"], "val_loss_by_domain": final["val_loss_by_domain"]},
+    }))
     model.eval()
     causal_eval = model.causal
     model.train()
@@ -285,6 +291,17 @@ def warm_up(cfg: dict[str, Any], data: TokenData, train_cfg: TrainConfig, steps:
         pass
     finally:
         torch.set_rng_state(rng)
+
+
+def json_safe(value: Any) -> Any:
+    """JSON-ready: non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _mean(values: list[float]) -> float:

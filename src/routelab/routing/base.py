@@ -170,15 +170,17 @@ class RoutingDecision:
     def detached(self) -> RoutingDecision:
         """A copy for statistics: tensors detached, except the aux losses, which keep their graph so that
         `total_aux_loss` can be backpropagated after the forward."""
-        logits = None if self.router_logits is None else self.router_logits.detach()
-        return dataclasses.replace(
-            self,
-            token_index=self.token_index.detach(),
-            expert_index=self.expert_index.detach(),
-            weight=self.weight.detach(),
-            router_logits=logits,
-            state=None,
-        )
+        copy = object.__new__(RoutingDecision)  # not dataclasses.replace: this decision was validated already, and
+        changes = {  # re-validating costs device-to-host syncs on every forward (measured in benchmarks/decode.py)
+            "token_index": self.token_index.detach(),
+            "expert_index": self.expert_index.detach(),
+            "weight": self.weight.detach(),
+            "router_logits": None if self.router_logits is None else self.router_logits.detach(),
+            "state": None,
+        }
+        for f in dataclasses.fields(self):
+            object.__setattr__(copy, f.name, changes.get(f.name, getattr(self, f.name)))
+        return copy
 
 
 class Router(nn.Module):
