@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from routelab._atomic import atomic_write_bytes, atomic_write_text
 from routelab._checks import check_bool, check_choice, check_int
-from routelab.dispatch.local import LocalDispatcher
+from routelab.dispatch.gathered_swiglu import gathered_swiglu
+from routelab.dispatch.local import DECODE_MAX_GATHERED, LocalDispatcher
 from routelab.dispatch.permute import make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.experts.base import ExpertBank, ExpertFn
@@ -355,15 +356,31 @@ class OffloadDispatcher(LocalDispatcher):
     def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
         if not isinstance(experts, OffloadedExperts):
             return super().fused(x_TD, decision, experts)
-        plan = make_plan(decision)
-        sizes = plan.group_sizes_E.tolist()
-        weights = experts.executor.step(experts.layer_index, [e for e, n in enumerate(sizes) if n])
         E, D, F_ = experts.num_experts, experts.d_model, experts.d_ff
+        executor, layer = experts.executor, experts.layer_index
+        gathered = decision.num_assignments * D * 3 * F_
         try:
+            # NOTE: the same choice of kernel as LocalDispatcher.fused makes for the resident bank, so the arithmetic,
+            # and the outputs, are the resident model's.
+            if self.decode_fast_path and not torch.is_grad_enabled() and gathered <= DECODE_MAX_GATHERED:
+                needed = torch.unique(decision.expert_index).tolist()
+                weights = executor.step(layer, needed)
+                local_E = torch.zeros(E, dtype=torch.long, device=x_TD.device)
+                local_E[needed] = torch.arange(len(needed), device=x_TD.device)
+                w_gate_up = x_TD.new_zeros(0, D, 2 * F_)
+                w_down = x_TD.new_zeros(0, F_, D)
+                if needed:
+                    w_gate_up = torch.stack([weights[e]["w_gate_up"] for e in needed])
+                    w_down = torch.stack([weights[e]["w_down"] for e in needed])
+                return gathered_swiglu(x_TD, decision.token_index, local_E[decision.expert_index], decision.weight,
+                                       w_gate_up, w_down)
+            plan = make_plan(decision)
+            sizes = plan.group_sizes_E.tolist()
+            weights = executor.step(layer, [e for e, n in enumerate(sizes) if n])
             return routed_swiglu(x_TD, plan.token_S, plan.weight_S, sizes, _CachedWeights(weights, "w_gate_up",
                                  (E, D, 2 * F_)), _CachedWeights(weights, "w_down", (E, F_, D)))
         finally:
-            experts.executor.after_layer(experts.layer_index)
+            executor.after_layer(layer)
 
 
 # -- the entry point -------------------------------------------------------------------------------------------------
@@ -440,7 +457,7 @@ def offload_experts(
     executor._trace_used = trace_used
     for i, layer in enumerate(layers):
         layer.experts = OffloadedExperts(executor, i)
-        layer.dispatcher = OffloadDispatcher()
+        layer.dispatcher = OffloadDispatcher(decode_fast_path=layer.dispatcher.decode_fast_path)
     if prefetch:
         _install_prefetch_hooks(executor, layers)
     return executor
