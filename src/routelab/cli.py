@@ -15,6 +15,8 @@ COMMANDS = (
     "finetune",
     "analyze",
     "sweep",
+    "trace",
+    "cache-sim",
     "routers",
     "demo",
 )
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="routelab", description="Dynamic routing for Mixture-of-Experts models.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"routelab.commands.{name}").register(commands)
+        importlib.import_module(f"routelab.commands.{name.replace('-', '_')}").register(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 
