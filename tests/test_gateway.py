@@ -149,6 +149,7 @@ class KeywordRouter:
 # The tests: a gateway (real uvicorn, ephemeral port) over two stub upstreams (real uvicorn servers in threads).
 
 import os  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -212,9 +213,14 @@ def chat(model: str, text: str, **extra: Any) -> dict[str, Any]:
                                          {"role": "user", "content": text}], **extra}
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    # Complete lines only: another request's line may be being written while a test reads.
+    return [json.loads(line) for line in path.read_bytes().split(b"\n")[:-1]]
+
+
 def log_record(gateway, response: httpx.Response) -> dict[str, Any]:
     rid = response.headers["x-request-id"]
-    records = [json.loads(line) for line in gateway.log.read_text().splitlines()]
+    records = read_log(gateway.log)
     (record,) = [r for r in records if r["request_id"] == rid]
     return record
 
@@ -475,3 +481,181 @@ def test_openai_client_talks_to_the_gateway(gateway, upstreams):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="bad", max_retries=0).models.list()
+
+
+def test_client_disconnect_mid_stream_is_logged(client, gateway, upstreams):
+    upstreams[1].mode = "stall"  # the stub waits 2 s after its first event; the client leaves after reading it
+    with client.stream("POST", "/v1/chat/completions", json=chat("weak", "bye", stream=True)) as r:
+        rid = r.headers["x-request-id"]
+        next(r.iter_lines())
+    deadline = time.monotonic() + 10
+    record = None
+    while record is None and time.monotonic() < deadline:
+        lines = read_log(gateway.log)
+        record = next((x for x in lines if x["request_id"] == rid), None)
+        time.sleep(0.02)
+    assert record is not None and record["status"] == "client_disconnected"
+
+
+# -- pool.yaml -------------------------------------------------------------------------------------------------------
+
+GOOD = {"models": {"m1": {"base_url": "http://127.0.0.1:9/v1"}, "m2": {"base_url": "https://example.invalid/v1",
+                                                                      "input_price": 1, "output_price": 2}}}
+
+
+def with_(path: str, value: Any) -> dict[str, Any]:
+    data = json.loads(json.dumps(GOOD))
+    node = data
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ([1], "must hold a mapping"),
+    ({}, "models: must be a non-empty mapping"),
+    (with_("extra", 1), "top level: unknown field 'extra'"),
+    (with_("models.m1", {"base_url": "http://x", "path": "."}), "models.m1: needs exactly one of base_url"),
+    (with_("models.m1", "http://x"), "models.m1: must be a mapping"),
+    (with_("models.m1.base_url", "ftp://x"), "models.m1.base_url: must be an http:// or https:// URL"),
+    (with_("models.m1.base_url", "http://"), "models.m1.base_url"),
+    (with_("models.m1.timeout", 0), "models.m1.timeout: must be a finite number > 0"),
+    (with_("models.m1.timeout", "10"), "models.m1.timeout"),
+    (with_("models.m1.input_price", -1), "models.m1.input_price: must be a finite number >= 0"),
+    (with_("models.m1.output_price", float("nan")), "models.m1.output_price"),
+    (with_("models.m1.api_key_env", "NOT_SET_ANYWHERE"), "environment variable NOT_SET_ANYWHERE is not set"),
+    (with_("models.m1.api_key_env", "bad name"), "models.m1.api_key_env: must be an environment variable name"),
+    (with_("models.m1.colour", "red"), "models.m1: unknown field 'colour'; allowed: base_url"),
+    (with_("models.auto", {"base_url": "http://x"}), "models.auto: 'auto' is reserved"),
+    (with_("models.router-x", {"base_url": "http://x"}), "'router-x' is reserved"),
+    (with_("models.bad name", {"base_url": "http://x"}), "models.bad name: a name must be"),
+    (with_("models.local", {"path": "/nonexistent/model"}), "models.local.path: model folder not found"),
+    (with_("routers.r", "/nonexistent/router"), "routers.r.path: router folder not found"),
+    (with_("routers.r", 5), "routers.r: must be a folder path"),
+    (with_("routers.r", {"path": ".", "knob": "high"}), "routers.r.knob: must be a finite number"),
+    (with_("routers.r", {"path": ".", "k": 1}), "routers.r: unknown field 'k'"),
+    (with_("default", "m3"), "default: the model 'm3' does not exist on this gateway; valid: m1, m2"),
+    (with_("default", "auto"), "default: cannot be 'auto' itself"),
+    (with_("log", "/nonexistent-folder/x.jsonl"), "log: folder /nonexistent-folder does not exist"),
+    (with_("log", "."), "log: . exists and is not a regular file"),
+    (with_("max_request_bytes", 10), "max_request_bytes: must be an integer in [1024,"),
+    (with_("api_keys_env", "NOT_SET_ANYWHERE"), "api_keys_env: environment variable NOT_SET_ANYWHERE is not set"),
+])
+def test_pool_validation_errors_are_one_line_naming_the_field(data, fragment):
+    with pytest.raises(GatewayConfigError) as info:
+        parse_pool(data, source="pool.yaml", environ={})
+    message = str(info.value)
+    assert fragment in message and "\n" not in message and message.startswith("pool.yaml")
+
+
+def test_pool_file_loading(tmp_path):
+    (tmp_path / "routers" / "knn").mkdir(parents=True)
+    (tmp_path / "logs").mkdir()
+    path = tmp_path / "pool.yaml"
+    path.write_text("prices: &p {input_price: 1.5, output_price: 2}\n" if False else
+                    "models:\n  a: {base_url: 'http://127.0.0.1:1/v1/', api_key_env: K, input_price: 1.5}\n"
+                    "  b: {base_url: 'http://127.0.0.1:2/v1', model: upstream-b, timeout: 3}\n"
+                    "routers:\n  knn: routers/knn\n  knn-cheap: {path: routers/knn, knob: 0.25}\n"
+                    "default: router-knn-cheap\nlog: logs/r.jsonl\n")
+    pool = load_pool(path, environ={"K": "secret"})
+    a, b = pool.models["a"], pool.models["b"]
+    assert a.base_url == "http://127.0.0.1:1/v1" and a.api_key == "secret" and "secret" not in repr(pool)
+    assert a.input_price == 1.5 and a.output_price == 0.0 and a.timeout == 60.0 and a.upstream_model == "a"
+    assert b.upstream_model == "upstream-b" and b.timeout == 3.0 and b.api_key is None
+    assert pool.routers["knn"].path == tmp_path / "routers/knn" and pool.routers["knn-cheap"].knob == 0.25
+    assert pool.log == tmp_path / "logs/r.jsonl" and pool.default == "router-knn-cheap"
+    for text, fragment in [("models: [1", "is not valid YAML at line"), ("- 1\n", "must hold a mapping"),
+                           ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                            "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+                            "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n", "expands (through YAML aliases)")]:
+        path.write_text(text)
+        with pytest.raises(GatewayConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            load_pool(path)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(GatewayConfigError, match="cannot read config file"):
+        load_pool(path)
+    with pytest.raises(GatewayConfigError, match="config file not found"):
+        load_pool(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("m1", ("m1", None, None)),
+    ("router-r-0.116", (None, "r", 0.116)),
+    ("router-r-1e-3", (None, "r", 0.001)),
+    ("router-r--2", (None, "r", -2.0)),
+    ("router-my-router-3", (None, "my-router", 3.0)),
+    ("router-my-router", (None, "my-router", 0.5)),   # its configured knob
+    ("auto", (None, "r", 0.7)),
+    ("router-r", LookupError),                        # no configured knob
+    ("router-r-inf", LookupError),
+    ("router-r-", LookupError),
+    ("router-zz-0.5", LookupError),
+    ("M1", LookupError),
+])
+def test_model_names_resolve_like_routellm(name, expected):
+    from routelab.query.gateway_config import RouterEntry
+
+    routers = {"r": RouterEntry("r", Path(".")), "my-router": RouterEntry("my-router", Path("."), knob=0.5)}
+    if expected is LookupError:
+        with pytest.raises(LookupError, match="valid: m1, router-my-router-<knob>, router-r-<knob>|default knob"):
+            resolve_model_name(name, {"m1": None}, routers, "router-r-0.7")
+    else:
+        route = resolve_model_name(name, {"m1": None}, routers, "router-r-0.7")
+        assert (route.model, route.router, route.knob) == expected
+
+
+# -- the command -----------------------------------------------------------------------------------------------------
+
+def test_serve_command_rejects_a_bad_pool_with_one_line(tmp_path, capsys):
+    from routelab.cli import main
+
+    (tmp_path / "pool.yaml").write_text("models:\n  a: {base_url: 'http://127.0.0.1:1/v1', timeout: -1}\n")
+    assert main(["serve", "--config", str(tmp_path / "pool.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("routelab serve: error: ") and "models.a.timeout" in err and "\n" not in err
+    assert main(["serve", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["serve", "--config", str(tmp_path / "pool.yaml"), "--port", "70000"]) == 2
+    assert "--port must be an integer in [0, 65535]" in capsys.readouterr().err
+
+
+def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
+    """The real command in its own process, as a user starts it."""
+    openai = pytest.importorskip("openai")
+    a, b = upstreams
+    (tmp_path / "pool.yaml").write_text(
+        f"models:\n  strong: {{base_url: '{a.url}/v1', timeout: 10}}\n  weak: {{base_url: '{b.url}/v1'}}\n"
+        "log: routing.jsonl\napi_keys_env: GW_TOKEN\n")
+    with socket.socket() as s:  # a free port for the child (it cannot report one back before it serves)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GW_TOKEN": TOKEN, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "routelab", "serve", "--config", str(tmp_path / "pool.yaml"),
+                             "--port", str(port), "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "routelab serve did not start within 60 s"
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN, max_retries=0, timeout=20)
+        out = client.chat.completions.create(model="weak", messages=[{"role": "user", "content": "hello"}])
+        assert out.model == "weak" and out.choices[0].message.content == b.answer("hello")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn shuts down cleanly, then re-raises the signal
+    (record,) = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
+    assert record["model"] == "weak" and record["status"] == 200
