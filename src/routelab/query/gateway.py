@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from routelab.query.gateway_backends import UpstreamBackend, UpstreamFailure, UpstreamStream
 from routelab.query.gateway_config import (
+    GatewayConfigError,
     LocalModel,
     PoolConfig,
     Route,
@@ -136,7 +137,16 @@ def create_app(pool: PoolConfig, routers: dict[str, Any] | None = None) -> FastA
                          f"names ({', '.join(sorted(pool.routers)) or 'none'})")
     for name, router in routers.items():
         check_router(name, router, pool.models)
-    gateway = Gateway(pool, routers)
+    local = {}
+    for name, spec in pool.models.items():
+        if isinstance(spec, LocalModel):  # loaded now, so that a bad folder stops startup with one line
+            from routelab.query.gateway_local import LocalBackend
+
+            try:
+                local[name] = LocalBackend(spec)
+            except ValueError as exc:
+                raise GatewayConfigError(f"{pool.source}: models.{name}.path: {exc}") from None
+    gateway = Gateway(pool, routers, local)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -184,11 +194,11 @@ def create_app(pool: PoolConfig, routers: dict[str, Any] | None = None) -> FastA
 class Gateway:
     """Request handling for one app: resolve `model`, route, try models in order, answer, log."""
 
-    def __init__(self, pool: PoolConfig, routers: dict[str, Any]) -> None:
+    def __init__(self, pool: PoolConfig, routers: dict[str, Any], local: dict[str, Any]) -> None:
         self.pool = pool
         self.routers = routers
         self._router_locks = {name: threading.Lock() for name in routers}
-        self.backends: dict[str, Any] = {}
+        self.backends: dict[str, Any] = dict(local)
         self.log: RoutingLog | None = None
         self._clients: list[httpx.AsyncClient] = []
 
@@ -202,10 +212,6 @@ class Gateway:
                                            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
                 self._clients.append(client)
                 self.backends[name] = UpstreamBackend(spec, client)
-            elif isinstance(spec, LocalModel):
-                from routelab.query.gateway_local import LocalBackend
-
-                self.backends[name] = await anyio.to_thread.run_sync(LocalBackend, spec)
 
     async def stop(self) -> None:
         for client in self._clients:
