@@ -19,6 +19,7 @@ _LAZY = {
     "save_model": "routelab.models.io",
     "load_model": "routelab.models.io",
     "ModelFolderError": "routelab.models.io",
+    "generate": "routelab.models.decoding",
 }
 
 
@@ -40,6 +41,7 @@ __all__ = [
     "RoutingDecision",
     "SwiGLUExperts",
     "create_router",
+    "generate",
     "list_routers",
     "load_model",
     "register_router",
