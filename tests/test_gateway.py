@@ -50,8 +50,9 @@ class ServerThread:
 
 class StubUpstream:
     """An OpenAI-compatible upstream. Answers `"<name> says: <last user text>"`, with usage (prompt tokens = words
-    of the request's text, completion tokens = words of the answer). `mode`: ok | 500 | 400 | sleep (longer than any
-    gateway timeout in the tests) | stall (a stream that stops after its first event). Records every request body."""
+    of the request's text, completion tokens = words of the answer). `mode`: ok | an HTTP status ("500", "429", ...;
+    "400" names a param) | sleep (longer than any gateway timeout in the tests) | stall (a stream that stops after
+    its first event). Records every request body and Authorization header."""
 
     def __init__(self, name: str, *, sleep_s: float = 3.0) -> None:
         self.name = name
@@ -68,11 +69,12 @@ class StubUpstream:
         app = FastAPI()
 
         async def misbehave() -> JSONResponse | None:
-            if self.mode == "500":
-                return JSONResponse({"error": {"message": f"{self.name} is broken", "type": "server_error"}}, 500)
             if self.mode == "400":
                 return JSONResponse({"error": {"message": f"{self.name} dislikes max_tokens", "type":
                                                "invalid_request_error", "param": "max_tokens", "code": None}}, 400)
+            if self.mode.isdigit():  # any other status: an error body as OpenAI sends it
+                return JSONResponse({"error": {"message": f"{self.name} fails with {self.mode}", "type": "error"}},
+                                    int(self.mode))
             if self.mode == "sleep":
                 await asyncio.sleep(self.sleep_s)
             return None
@@ -316,6 +318,14 @@ def test_fallback_on_upstream_500_goes_to_the_next_best_model(client, gateway, u
     assert all(json.loads(e)["model"] == "weak" for e in events[:-1]) and events[-1] == "[DONE]"
 
 
+@pytest.mark.parametrize("status", ["503", "429", "401"])
+def test_other_statuses_that_are_not_the_clients_fault_fall_back(client, gateway, upstreams, status):
+    upstreams[0].mode = status
+    r = client.post("/v1/chat/completions", json=chat("router-kw-0.2", "a hard question"))
+    assert r.status_code == 200 and r.json()["model"] == "weak"
+    assert f"HTTP {status}" in log_record(gateway, r)["attempts"][0]["error"]
+
+
 def test_fallback_on_upstream_timeout(client, gateway, upstreams):
     upstreams[0].mode = "sleep"  # sleeps 2 s; the gateway gives it 0.5 s
     t0 = time.monotonic()
@@ -542,10 +552,12 @@ def with_(path: str, value: Any) -> dict[str, Any]:
     (with_("log", "."), "log: . exists and is not a regular file"),
     (with_("max_request_bytes", 10), "max_request_bytes: must be an integer in [1024,"),
     (with_("api_keys_env", "NOT_SET_ANYWHERE"), "api_keys_env: environment variable NOT_SET_ANYWHERE is not set"),
+    (with_("api_keys_env", "COMMAS"), "api_keys_env: environment variable COMMAS holds no keys"),
+
 ])
 def test_pool_validation_errors_are_one_line_naming_the_field(data, fragment):
     with pytest.raises(GatewayConfigError) as info:
-        parse_pool(data, source="pool.yaml", environ={})
+        parse_pool(data, source="pool.yaml", environ={"COMMAS": " , ,"})
     message = str(info.value)
     assert fragment in message and "\n" not in message and message.startswith("pool.yaml")
 
@@ -619,6 +631,9 @@ def test_serve_command_rejects_a_bad_pool_with_one_line(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err
     assert main(["serve", "--config", str(tmp_path / "pool.yaml"), "--port", "70000"]) == 2
     assert "--port must be an integer in [0, 65535]" in capsys.readouterr().err
+    (tmp_path / "pool.yaml").write_text("models:\n  a: {base_url: 'http://127.0.0.1:1/v1'}\ndefault: a\n")
+    assert main(["serve", "--config", str(tmp_path / "pool.yaml"), "--check"]) == 0
+    assert "1 models (a), 0 routers (none), default a" in capsys.readouterr().out
 
 
 def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
@@ -659,3 +674,28 @@ def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn shuts down cleanly, then re-raises the signal
     (record,) = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
     assert record["model"] == "weak" and record["status"] == 200
+
+
+def test_routers_must_route_to_pool_models_and_follow_the_protocol(upstreams):
+    pool = parse_pool(pool_data(upstreams[0].url, upstreams[1].url), environ={"STUB_KEY": "k"})
+    with pytest.raises(ValueError, match="router 'kw' routes to 'elsewhere', which the pool does not define"):
+        create_app(pool, {"kw": KeywordRouter(("strong", "elsewhere"))})
+    broken = KeywordRouter()
+    broken.knob_name = "temperature"
+    with pytest.raises(ValueError, match="knob_name 'temperature'; expected one of willingness_to_pay, threshold"):
+        create_app(pool, {"kw": broken})
+    with pytest.raises(ValueError, match="differ from those the pool file names"):
+        create_app(pool, {})
+
+
+def test_routing_log_counts_failed_writes_instead_of_raising(tmp_path):
+    from routelab.query.gateway import RoutingLog
+
+    log = RoutingLog(tmp_path / "r.jsonl")
+    log.write({"ok": 1})
+    log.write({"bad": float("nan")})  # not JSON: counted, not written, not raised
+    log.close()
+    log._fd = os.open(tmp_path / "r.jsonl", os.O_RDONLY)  # writes now fail with EBADF
+    log.write({"ok": 2})
+    assert log.errors == 2 and read_log(tmp_path / "r.jsonl") == [{"ok": 1}]
+    os.close(log._fd)

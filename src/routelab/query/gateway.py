@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import os
 import threading
@@ -51,6 +52,7 @@ from routelab.query.gateway_config import (
 )
 
 KNOB_NAMES = ("willingness_to_pay", "threshold")
+logger = logging.getLogger("uvicorn.error")  # uvicorn's own error log: the server's stderr
 CHARS_PER_TOKEN = 4  # the usual rule of thumb, used only when an upstream reports no usage
 
 
@@ -77,13 +79,20 @@ class RoutingLog:
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         self._lock = threading.Lock()
+        self.errors = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        data = (json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        """Append one record. A failed write (a full disk) is counted and reported on stderr and in /health, not
+        raised: the client's answer has already been paid for upstream."""
         with self._lock:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked; the lock keeps the rest of the line next to it
-                view = view[os.write(self._fd, view):]
+            try:
+                line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False)
+                view = memoryview((line + "\n").encode())
+                while view:  # os.write may write less than asked; the lock keeps the rest of the line next to it
+                    view = view[os.write(self._fd, view):]
+            except (OSError, ValueError) as exc:
+                self.errors += 1
+                logger.error("routelab gateway: cannot write the routing log %s: %s", self.path, exc)
 
     def close(self) -> None:
         with self._lock:
@@ -172,7 +181,8 @@ def create_app(pool: PoolConfig, routers: dict[str, Any] | None = None) -> FastA
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(pool.models), "routers": list(pool.routers)}
+        log_errors = gateway.log.errors if gateway.log is not None else 0
+        return {"status": "ok", "models": list(pool.models), "routers": list(pool.routers), "log_errors": log_errors}
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -251,7 +261,7 @@ class Gateway:
         try:
             body = await self._read_json(request)
             text, stream = _validate(endpoint, body)
-            record["requested"] = body["model"]
+            record["requested"] = body["model"][:200]
             record["stream"] = stream
             route = self._resolve(body["model"])
             record["route"] = route.label
@@ -275,7 +285,11 @@ class Gateway:
                     opened = await backend.open_stream(endpoint, body)
                 else:
                     data = await backend.complete(endpoint, body)
-            except UpstreamFailure as failure:
+            except Exception as exc:  # noqa: BLE001 -- an unexpected error is one failed attempt, not a crash
+                failure = exc if isinstance(exc, UpstreamFailure) else UpstreamFailure(
+                    name, "gateway_error", f"{type(exc).__name__} while calling {name}: {str(exc)[:200]}")
+                if not isinstance(exc, UpstreamFailure):
+                    logger.exception("routelab gateway: unexpected error while calling %s", name)
                 attempts.append({"model": name, "status": failure.kind, "error": failure.message,
                                  "latency_ms": _ms(t0)})
                 last = failure

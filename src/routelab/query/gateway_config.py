@@ -206,6 +206,8 @@ def parse_pool(
         if not env.get(keys_env, "").strip():
             raise err("api_keys_env", f"environment variable {keys_env} is not set (or empty)")
         api_keys = tuple(k.strip() for k in env[keys_env].split(",") if k.strip())
+        if not api_keys:  # "," would otherwise turn authentication off without a word
+            raise err("api_keys_env", f"environment variable {keys_env} holds no keys (comma-separated tokens)")
 
     return PoolConfig(models=models, routers=routers, default=default, log=log, max_request_bytes=max_bytes,
                       api_keys=api_keys, source=source)
@@ -256,7 +258,8 @@ def resolve_model_name(
                     break
                 return Route(router=rest[:i], knob=knob)
     valid = sorted(models) + [f"router-{r}-<knob>" for r in sorted(routers)] + (["auto"] if default else [])
-    raise LookupError(f"the model {name!r} does not exist on this gateway; valid: {', '.join(valid)}")
+    shown = name if len(name) <= 100 else name[:100] + "..."
+    raise LookupError(f"the model {shown!r} does not exist on this gateway; valid: {', '.join(valid)}")
 
 
 def _upstream(name, entry, where, prices, timeout, env, err) -> UpstreamModel:
