@@ -553,7 +553,6 @@ def with_(path: str, value: Any) -> dict[str, Any]:
     (with_("max_request_bytes", 10), "max_request_bytes: must be an integer in [1024,"),
     (with_("api_keys_env", "NOT_SET_ANYWHERE"), "api_keys_env: environment variable NOT_SET_ANYWHERE is not set"),
     (with_("api_keys_env", "COMMAS"), "api_keys_env: environment variable COMMAS holds no keys"),
-
 ])
 def test_pool_validation_errors_are_one_line_naming_the_field(data, fragment):
     with pytest.raises(GatewayConfigError) as info:
