@@ -698,3 +698,19 @@ def test_routing_log_counts_failed_writes_instead_of_raising(tmp_path):
     log.write({"ok": 2})
     assert log.errors == 2 and read_log(tmp_path / "r.jsonl") == [{"ok": 1}]
     os.close(log._fd)
+
+
+def test_fallback_when_an_upstream_cannot_be_reached(upstreams, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on: bound, never listened, then closed
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    pool = parse_pool(pool_data(f"http://127.0.0.1:{dead}", upstreams[1].url, log=str(tmp_path / "r.jsonl")),
+                      environ={"STUB_KEY": "k"})
+    with ServerThread(create_app(pool, {"kw": KeywordRouter()})) as gateway, \
+            httpx.Client(base_url=gateway.url, timeout=10) as c:
+        r = c.post("/v1/chat/completions", json=chat("router-kw-0.2", "a hard question"))
+        assert r.status_code == 200 and r.json()["model"] == "weak"
+        (record,) = read_log(tmp_path / "r.jsonl")
+        assert [(a["model"], a["status"]) for a in record["attempts"]] == [("strong", "connection"), ("weak", "ok")]
+        r = c.post("/v1/chat/completions", json=chat("strong", "a hard question"))
+        assert r.status_code == 502 and "cannot reach upstream strong" in r.json()["error"]["message"]
