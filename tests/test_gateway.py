@@ -52,7 +52,7 @@ class StubUpstream:
     """An OpenAI-compatible upstream. Answers `"<name> says: <last user text>"`, with usage (prompt tokens = words
     of the request's text, completion tokens = words of the answer). `mode`: ok | an HTTP status ("500", "429", ...;
     "400" names a param) | sleep (longer than any gateway timeout in the tests) | stall (a stream that stops after
-    its first event). Records every request body and Authorization header."""
+    its first event) | error_event (a stream that reports an error after its first event). Records every request body and Authorization header."""
 
     def __init__(self, name: str, *, sleep_s: float = 3.0) -> None:
         self.name = name
@@ -118,6 +118,9 @@ class StubUpstream:
             yield f"data: {json.dumps(chunk)}\n\n"
             if self.mode == "stall":
                 await asyncio.sleep(self.sleep_s)
+            if self.mode == "error_event":  # as OpenAI reports a failure inside a stream, then closes it
+                yield f"data: {json.dumps({'error': {'message': 'overloaded mid-stream', 'type': 'server_error'}})}\n\n"
+                return
         final = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0, "model": model,
                  "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage}
         yield f"data: {json.dumps(final)}\n\n"
@@ -344,6 +347,15 @@ def test_stall_mid_stream_ends_the_stream_with_an_error_event(client, gateway, u
     assert json.loads(events[0])["model"] == "strong"
     assert "error" in json.loads(events[-1]) and "[DONE]" not in events
     assert log_record(gateway, r)["status"] == "timeout"
+
+
+def test_an_error_event_inside_a_stream_is_relayed_and_logged(client, gateway, upstreams):
+    upstreams[1].mode = "error_event"
+    with client.stream("POST", "/v1/chat/completions", json=chat("weak", "hi", stream=True)) as r:
+        events = [json.loads(e) for e in sse_events(r)]
+    assert events[-1]["error"]["message"] == "overloaded mid-stream" and events[0]["model"] == "weak"
+    record = log_record(gateway, r)
+    assert record["status"] == "upstream_error" and record["error"] == "overloaded mid-stream"
 
 
 def test_every_model_failing_or_pass_through_failing_is_an_openai_error(client, gateway, upstreams):

@@ -413,8 +413,9 @@ class Gateway:
         finally:
             # Log first: on a client disconnect this runs inside a cancelled scope where any await is cancelled.
             self._account(record, name, usage, input_tokens_est, chars)
-            self._finish(record, started, None, status=200 if status == "ok" and error is None else status,
-                         error=error)
+            if status == "ok":  # an error event from the upstream inside a stream that otherwise ended normally
+                status = 200 if error is None else "upstream_error"
+            self._finish(record, started, None, status=status, error=error)
             with anyio.CancelScope(shield=True):
                 await opened.aclose()
 
