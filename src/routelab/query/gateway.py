@@ -4,14 +4,15 @@ A client sends an ordinary OpenAI request; its `model` field says how to pick th
 - a pool model's own name: passed through to that model (no fallback: the client asked for it by name);
 - `router-<name>-<knob>` (RouteLLM's convention, e.g. `router-mf-0.116`): router `<name>` scores every model of its
   pool for this prompt and picks one with its knob (`willingness_to_pay` or `threshold`) set to `<knob>`;
-  if that model times out, cannot be reached or answers 5xx/429, the next-best by predicted score answers instead;
+  if that model times out, cannot be reached or answers 5xx (or 408/429/401/403: not the client's fault), the
+  next-best by predicted score answers instead;
 - `auto`: the pool file's `default`.
 The response's `model` field and the `x-routelab-model` header name the pool model that answered; a JSONL routing
 log (one line per request, written whole under any concurrency) records time, route, chosen and answering model,
 predicted scores, every attempt, tokens, estimated cost, latency and status.
 
-Routing reads the text of the last user message (chat) or the prompt (completions): routers are trained on single
-prompts, and RouteLLM's server routes on the same text. Errors are OpenAI-style JSON
+Routing reads the text of the last user message (chat) or the prompt (completions), since routers are trained on
+single prompts; the whole request goes to the chosen model unchanged but for `model`. Errors are OpenAI-style JSON
 (`{"error": {"message", "type", "param", "code"}}`): 400 malformed JSON, 401 bad token, 404 unknown model or path,
 413 oversized body, 422 invalid fields, 502/504 when every allowed model failed; never a traceback.
 """
