@@ -308,17 +308,7 @@ class Gateway:
             self._account(record, name, data.get("usage"), input_tokens_est, _output_chars(data))
             return self._finish(record, started, JSONResponse(data, headers=headers), status=200)
         assert last is not None
-        tried = ", ".join(a["model"] for a in attempts)
-        if not last.retryable:
-            if last.body is not None:
-                response = JSONResponse(last.body, status_code=last.status, headers=headers)
-            else:
-                response = error_response(last.status, last.message, headers=headers)
-            return self._finish(record, started, response, status=last.status, error=last.message)
-        status = 504 if all(a["status"] == "timeout" for a in attempts) else 502
-        message = f"no model could answer (tried {tried}); last error: {last.message}"
-        response = error_response(status, message, type_="upstream_error", code="upstream_unavailable",
-                                  headers=headers)
+        status, message, response = _failure_response(last, attempts, headers)
         return self._finish(record, started, response, status=status, error=message)
 
     async def _read_json(self, request: Request) -> Any:
@@ -441,6 +431,20 @@ class Gateway:
         if response is not None:  # every answer, errors included, can be found in the log by this id
             response.headers["x-request-id"] = record["request_id"]
         return response
+
+
+def _failure_response(last: UpstreamFailure, attempts: list[dict[str, Any]],
+                      headers: dict[str, str]) -> tuple[int, str, JSONResponse]:
+    """The answer when no model answered: the upstream's own refusal of the client's request (not retryable), or
+    502 (504 when every attempt timed out) naming the models tried."""
+    if not last.retryable:
+        if last.body is not None:
+            return last.status, last.message, JSONResponse(last.body, status_code=last.status, headers=headers)
+        return last.status, last.message, error_response(last.status, last.message, headers=headers)
+    status = 504 if all(a["status"] == "timeout" for a in attempts) else 502
+    message = f"no model could answer (tried {', '.join(a['model'] for a in attempts)}); last error: {last.message}"
+    return status, message, error_response(status, message, type_="upstream_error", code="upstream_unavailable",
+                                           headers=headers)
 
 
 def _validate(endpoint: str, body: Any) -> tuple[str, bool]:
