@@ -219,8 +219,10 @@ class Gateway:
         for name, spec in self.pool.models.items():
             if isinstance(spec, UpstreamModel):
                 # One client per upstream: its own connection pool, so a slow upstream cannot starve the others.
-                client = httpx.AsyncClient(timeout=httpx.Timeout(spec.timeout, pool=None),
-                                           limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+                # Idle connections are dropped after 3 s, before servers drop them (uvicorn, hence vLLM, after 5 s):
+                # reusing one the server is closing at that moment would fail a request for nothing.
+                limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=3.0)
+                client = httpx.AsyncClient(timeout=httpx.Timeout(spec.timeout, pool=None), limits=limits)
                 self._clients.append(client)
                 self.backends[name] = UpstreamBackend(spec, client)
 
