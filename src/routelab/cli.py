@@ -17,6 +17,7 @@ COMMANDS = (
     "sweep",
     "trace",
     "cache-sim",
+    "serve",
     "routers",
     "demo",
 )
