@@ -156,7 +156,8 @@ def test_resume_never_reuses_results_or_checkpoints_of_a_different_run(tmp_path,
     with pytest.raises(Interrupted):
         compare(out, 1)  # a fresh run with seed 1, stopped after topk
     monkeypatch.setattr(runner, "run_variant", real)
-    assert not (out / "variants" / "hash").exists()  # the seed-0 hash result was removed by the fresh run
+    assert not (out / "variants" / "hash" / "result.json").exists()  # the fresh run removed the seed-0 result
+    assert not (out / "report.md").exists() and not (out / "results.json").exists()  # and the seed-0 report
     assert compare(out, 1, "--resume") == 0
     assert val_losses(out) == val_losses(fresh)
 

@@ -144,6 +144,7 @@ def train(
     if start == 0 and not val_curve:  # the loss before training, so every curve starts from the same point
         val_curve.append(_eval_record(model, val_sets, cfg, step=0))
         _append_metrics(metrics_path, val_curve[-1:])
+    saved_step = start if start else None  # the step of the checkpoint on disk, for the message on a NaN loss
     bar = _progress(cfg.steps, start, desc, progress, bar_position)
     model.train()
     for step in range(start, cfg.steps):
@@ -152,7 +153,14 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = data.batch(step, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
-        _, loss = model(inputs, targets, step=step)
+        try:
+            _, loss = model(inputs, targets, step=step)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"the training loss is {loss_value}")
+        except FloatingPointError as exc:  # stop before the step, so weights and router state stay as they were
+            raise FloatingPointError(f"{desc}: non-finite values at step {step + 1} ({exc}); training stopped before "
+                                     f"applying the step; {_last_good(out_dir, saved_step)}") from None
         aux = total_aux_loss(model).detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -162,9 +170,6 @@ def train(
         update_routers(model)
         seconds = time.perf_counter() - t0
         train_seconds += seconds
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"{desc}: the training loss is {loss_value} at step {step}")
         record = {"kind": "train", "step": step + 1, "lr": lr, "loss": loss_value,
                   "lm_loss": loss_value - aux.item(), "aux_loss": aux.item(), "seconds": seconds}
         train_curve.append(record)
@@ -181,6 +186,7 @@ def train(
             save_checkpoint(Path(out_dir), model=model, optimizer=optimizer, step=done,
                             extra={"train_seconds": train_seconds, "train_config": asdict(cfg),
                                    "config_hash": config_hash})
+            saved_step = done
         if on_step is not None:
             on_step(done, record)
     if bar is not None:
@@ -293,13 +299,21 @@ def steady_tokens_per_second(train_curve: list[dict[str, float]], tokens_per_ste
 
 
 def run_config_hash(model_config: ModelConfig, cfg: TrainConfig, data: TokenData) -> str:
-    """A digest of everything that determines a run: model config, train config and the data (tokenizer key and
-    split sizes). A checkpoint is continued only by a run with the same digest."""
-    data_id = {"tokenizer_key": getattr(data, "tokenizer_key", None),
+    """A digest of everything that determines a run: model config, train config and the data (tokenizer key, the
+    hash of the data's contents and split sizes). A checkpoint is continued only by a run with the same digest."""
+    data_id = {"tokenizer_key": getattr(data, "tokenizer_key", None), "content_key": getattr(data, "content_key", None),
                "domains": [[d.name, d.train.numel(), d.val.numel()] for d in data.domains]}
     blob = json.dumps({"model": model_config.to_dict(), "train": asdict(cfg), "data": data_id}, sort_keys=True,
                       default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _last_good(out_dir: Path | None, saved_step: int | None) -> str:
+    if out_dir is None:
+        return "no out_dir, so no checkpoint was written"
+    if saved_step is None:
+        return f"no checkpoint of this run was written to {out_dir} yet"
+    return f"the last good checkpoint, step {saved_step}, is in {out_dir}"
 
 
 def checkpoint_config_hash(folder: Path) -> str | None:
