@@ -33,7 +33,7 @@ from routelab._atomic import atomic_write_text
 from routelab._runs import RunLayout, check_out, claim_out
 from routelab.train.checkpoint import CHECKPOINT_JSON
 from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
-from routelab.models.io import save_model
+from routelab.models.io import MODEL_FILES, save_model
 from routelab.models.transformer import MoETransformerLM
 
 RESULTS_FORMAT = 1
@@ -167,7 +167,9 @@ VARIANT_FILES = ("result.json", "metrics.jsonl", CHECKPOINT_JSON, "checkpoint-*.
 def compare_layout(cfg: dict[str, Any]) -> RunLayout:
     """The folders and files of a comparison's --out folder."""
     folders = {"": REPORT_FILES, "variants": ()}
-    folders.update({f"variants/{v['name']}": VARIANT_FILES for v in cfg["variants"]})
+    for v in cfg["variants"]:
+        folders[f"variants/{v['name']}"] = VARIANT_FILES
+        folders[f"variants/{v['name']}/model"] = MODEL_FILES
     return RunLayout("compare", folders)
 
 
@@ -227,14 +229,14 @@ def run_variant(
     try:
         run = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc=desc,
                     bar_position=bar_position, log=log)
+        save_model(run.model, data.tokenizer, out_dir / "model", training=json_safe({  # variants/<name>/model
+            "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
+            "final": {"val_loss": run.final["val_loss"], "val_loss_by_domain": run.final["val_loss_by_domain"]},
+        }))
     except Exception as exc:  # noqa: BLE001 — one broken router must not cost the others' results
         return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     model, final = run.model, run.final
-    save_model(model, data.tokenizer, out_dir / "model", training=json_safe({
-        "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
-        "final": {"val_loss": final["val_loss"], "val_loss_by_domain": final["val_loss_by_domain"]},
-    }))
     model.eval()
     causal_eval = model.causal
     model.train()
