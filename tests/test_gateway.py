@@ -697,6 +697,11 @@ def test_routers_must_route_to_pool_models_and_follow_the_protocol(upstreams):
         create_app(pool, {"kw": broken})
     with pytest.raises(ValueError, match="differ from those the pool file names"):
         create_app(pool, {})
+    for change, where in [({"routers": {"kw": {"path": ".", "knob": -1}}}, "routers.kw.knob"),
+                          ({"default": "router-kw--0.5"}, "default")]:
+        data = {**pool_data(upstreams[0].url, upstreams[1].url), **change}
+        with pytest.raises(GatewayConfigError, match=f"^pool.yaml: {where}: router 'kw' refuses willingness_to_pay"):
+            create_app(parse_pool(data, source="pool.yaml", environ={"STUB_KEY": "k"}), {"kw": KeywordRouter()})
 
 
 def test_routing_log_counts_failed_writes_instead_of_raising(tmp_path):
