@@ -89,8 +89,6 @@ def _run_compare(
     cfg: dict[str, Any], *, out_dir: str | Path, resume: bool, overwrite: bool, quiet: bool, notes: list[str] | None,
     cache: Path | None, log: Callable[[str], None],
 ) -> dict[str, Any]:
-    from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
-
     out = Path(out_dir)
     layout = compare_layout(cfg)
     check_out(out, layout, overwrite=overwrite)  # before the (slow) data loading
@@ -153,6 +151,8 @@ def _run_compare(
     }
     summary["wall_seconds"] = time.perf_counter() - started
     atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+    from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
+
     write_report(summary, out)
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
@@ -199,11 +199,12 @@ def _reusable_result(path: Path, vhash: str, *, log: Callable[[str], None]) -> d
     """The finished result at `path` when it belongs to this configuration and did not fail; else None."""
     if not path.is_file():
         return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        result = None
     name = path.parent.name
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log(f"note: {name}: {path} cannot be read ({type(exc).__name__}); retraining it")
+        return None
     if not isinstance(result, dict) or result.get("variant_hash") != vhash:
         log(f"note: {name}: the stored result was computed with a different configuration; retraining it")
         return None

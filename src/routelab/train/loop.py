@@ -21,11 +21,20 @@ import torch
 from torch import nn
 
 from routelab._atomic import atomic_write_text
+from routelab._runs import remove_stale_temporaries
+from routelab._checks import check_int, short_repr
 from routelab.data.dataset import TokenData
 from routelab.layers.moe import total_aux_loss
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 from routelab.routing.base import update_routers
-from routelab.train.checkpoint import CHECKPOINT_JSON, has_checkpoint, load_checkpoint, save_checkpoint
+from routelab.train.checkpoint import (
+    CHECKPOINT_JSON,
+    CheckpointError,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from routelab.train.memory import check_training_memory
 
 
 @dataclass(frozen=True)
@@ -54,15 +63,18 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"train.{name} must be a positive integer, got {short_repr(value)}")
         for name in ("warmup", "checkpoint_every", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"train.{name} must be an integer >= 0, got {value!r}")
+                raise ValueError(f"train.{name} must be an integer >= 0, got {short_repr(value)}")
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "eval_batch_size", "warmup",
+                     "checkpoint_every", "seed"):
+            check_int(f"train.{name}", getattr(self, name), 0)  # the int64 bound
         for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "beta1", "beta2"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {short_repr(value)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
         for name in ("beta1", "beta2"):
@@ -119,6 +131,8 @@ def train(
     """
     cfg.validate()
     data.check_windows(cfg.seq_len)
+    model_config.validate()
+    check_training_memory(model_config, cfg)  # absurd sizes are refused before anything allocates them
     torch.manual_seed(cfg.seed)
     model = MoETransformerLM(model_config)
     optimizer = make_optimizer(model, cfg)
@@ -130,12 +144,21 @@ def train(
     config_hash = run_config_hash(model_config, cfg, data)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)  # left by a kill between writing a file and renaming it
         if resume and has_checkpoint(Path(out_dir)):
             saved = checkpoint_config_hash(Path(out_dir))
             if saved == config_hash:
-                meta = load_checkpoint(Path(out_dir), model=model, optimizer=optimizer)
-                start, train_seconds = meta["step"], meta["extra"]["train_seconds"]
-                train_curve, val_curve = _read_metrics(metrics_path, upto=start)
+                try:
+                    meta = load_checkpoint(Path(out_dir), model=model, optimizer=optimizer)
+                    start, train_seconds = meta["step"], meta["extra"]["train_seconds"]
+                    train_curve, val_curve = _read_metrics(metrics_path, upto=start)
+                except (CheckpointError, MetricsError, KeyError, TypeError) as exc:
+                    # a corrupt file must not fail the run on every resume: it is treated as absent
+                    log(f"note: {desc}: {exc}; treating the checkpoint as absent and training from step 0")
+                    torch.manual_seed(cfg.seed)
+                    model = MoETransformerLM(model_config)
+                    optimizer = make_optimizer(model, cfg)
+                    start, train_seconds, train_curve, val_curve = 0, 0.0, [], []
             else:
                 log(f"note: {desc}: the checkpoint in {out_dir} was written for a different configuration; "
                     f"training from step 0")
@@ -342,18 +365,28 @@ def _write_metrics(path: Path | None, train_curve: list, val_curve: list) -> Non
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+class MetricsError(ValueError):
+    """A metrics.jsonl that cannot be read back; the message names the file and the line."""
+
+
 def _read_metrics(path: Path, *, upto: int) -> tuple[list, list]:
     train_curve, val_curve = [], []
     if not path.is_file():
         return train_curve, val_curve
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetricsError(f"metrics file {path} cannot be read ({exc})") from None
     for i, line in enumerate(lines):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+            step, kind = record["step"], record["kind"]
+            if not isinstance(step, int) or kind not in ("train", "eval"):
+                raise ValueError("no step/kind")
+        except (ValueError, KeyError, TypeError):
             if i == len(lines) - 1:  # a record cut short by a kill mid-append (files from older versions)
                 break
-            raise
-        if record["step"] <= upto:
-            (train_curve if record["kind"] == "train" else val_curve).append(record)
+            raise MetricsError(f"metrics file {path} has a corrupt record on line {i + 1}") from None
+        if step <= upto:
+            (train_curve if kind == "train" else val_curve).append(record)
     return train_curve, val_curve
