@@ -210,6 +210,19 @@ def create_app(pool: PoolConfig, routers: dict[str, Any] | None = None) -> FastA
             return denied
         return JSONResponse({"object": "list", "data": gateway.model_cards()})
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        if (denied := gateway.authorize(request)) is not None:
+            return denied
+        card = next((c for c in gateway.model_cards() if c["id"] == model_id), None)
+        if card is None:
+            try:  # any router-<name>-<knob> resolves, listed or not
+                gateway._resolve(model_id)
+            except GatewayError as exc:
+                return error_response(404, exc.message, param="model", code="model_not_found")
+            card = {"id": model_id, "object": "model", "created": 0, "owned_by": "routelab"}
+        return JSONResponse(card)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await gateway.handle(request, "chat/completions")
