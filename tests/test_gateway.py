@@ -650,7 +650,7 @@ def test_serve_command_rejects_a_bad_pool_with_one_line(tmp_path, capsys):
     assert "--port must be an integer in [0, 65535]" in capsys.readouterr().err
     (tmp_path / "pool.yaml").write_text("models:\n  a: {base_url: 'http://127.0.0.1:1/v1'}\ndefault: a\n")
     assert main(["serve", "--config", str(tmp_path / "pool.yaml"), "--check"]) == 0
-    assert "1 models (a), 0 routers (none), default a" in capsys.readouterr().out
+    assert "routelab serve: models a; routers none; default a" in capsys.readouterr().out
 
 
 def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
