@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 
 class ServerThread:
@@ -52,8 +52,8 @@ class StubUpstream:
     """An OpenAI-compatible upstream. Answers `"<name> says: <last user text>"`, with usage (prompt tokens = words
     of the request's text, completion tokens = words of the answer). `mode`: ok | an HTTP status ("500", "429", ...;
     "400" names a param) | sleep (longer than any gateway timeout in the tests) | stall (a stream that stops after
-    its first event) | error_event (a stream that reports an error after its first event). Records every request
-    body and Authorization header."""
+    its first event) | error_event (a stream that reports an error after its first event) | garbage (an HTML page
+    with status 200). Records every request body and Authorization header."""
 
     def __init__(self, name: str, *, sleep_s: float = 3.0) -> None:
         self.name = name
@@ -73,6 +73,8 @@ class StubUpstream:
             if self.mode == "400":
                 return JSONResponse({"error": {"message": f"{self.name} dislikes max_tokens", "type":
                                                "invalid_request_error", "param": "max_tokens", "code": None}}, 400)
+            if self.mode == "garbage":  # a proxy's error page with status 200
+                return PlainTextResponse("<html>bad gateway</html>")
             if self.mode.isdigit():  # any other status: an error body as OpenAI sends it
                 return JSONResponse({"error": {"message": f"{self.name} fails with {self.mode}", "type": "error"}},
                                     int(self.mode))
@@ -323,12 +325,15 @@ def test_fallback_on_upstream_500_goes_to_the_next_best_model(client, gateway, u
     assert all(json.loads(e)["model"] == "weak" for e in events[:-1]) and events[-1] == "[DONE]"
 
 
-@pytest.mark.parametrize("status", ["503", "429", "401"])
-def test_other_statuses_that_are_not_the_clients_fault_fall_back(client, gateway, upstreams, status):
-    upstreams[0].mode = status
+@pytest.mark.parametrize("mode, error", [("503", "HTTP 503"), ("429", "HTTP 429"), ("401", "HTTP 401"),
+                                         ("garbage", "other than a JSON object")])
+def test_other_failures_that_are_not_the_clients_fault_fall_back(client, gateway, upstreams, mode, error):
+    upstreams[0].mode = mode
     r = client.post("/v1/chat/completions", json=chat("router-kw-0.2", "a hard question"))
     assert r.status_code == 200 and r.json()["model"] == "weak"
-    assert f"HTTP {status}" in log_record(gateway, r)["attempts"][0]["error"]
+    assert error in log_record(gateway, r)["attempts"][0]["error"]
+    with client.stream("POST", "/v1/chat/completions", json=chat("router-kw-0.2", "hard", stream=True)) as r:
+        assert r.status_code == 200 and r.headers["x-routelab-model"] == "weak"
 
 
 def test_fallback_on_upstream_timeout(client, gateway, upstreams):
