@@ -157,6 +157,8 @@ class KeywordRouter:
 # The tests: a gateway (real uvicorn, ephemeral port) over two stub upstreams (real uvicorn servers in threads).
 
 import os  # noqa: E402
+import queue  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -665,24 +667,23 @@ def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
     (tmp_path / "pool.yaml").write_text(
         f"models:\n  strong: {{base_url: '{a.url}/v1', timeout: 10}}\n  weak: {{base_url: '{b.url}/v1'}}\n"
         "log: routing.jsonl\napi_keys_env: GW_TOKEN\n")
-    with socket.socket() as s:  # a free port for the child (it cannot report one back before it serves)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "GW_TOKEN": TOKEN, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "routelab", "serve", "--config", str(tmp_path / "pool.yaml"),
-                             "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        deadline, port, seen = time.monotonic() + 90, None, []
+        while port is None:  # port 0: the server binds a free port and uvicorn prints it
+            assert time.monotonic() < deadline, f"routelab serve did not start within 90 s: {seen}"
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "routelab serve did not start within 60 s"
-            time.sleep(0.1)
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert proc.poll() is None, f"routelab serve exited: {seen}"
+                continue
+            if found := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", seen[-1]):
+                port = int(found.group(1))
+        assert seen[0].startswith("routelab serve: models strong, weak; routers none; default none;")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN, max_retries=0, timeout=20)
         out = client.chat.completions.create(model="weak", messages=[{"role": "user", "content": "hello"}])
         assert out.model == "weak" and out.choices[0].message.content == b.answer("hello")
