@@ -164,7 +164,7 @@ def evaluate(
     m = len(models)
     two = m == 2
     cost_scale = float(np.ptp(pooled.costs_NM.mean(axis=0))) or 1.0
-    lam_grid = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, sweep_points - 1) / cost_scale])
+    lam_grid = np.concatenate([[0.0], np.geomspace(1e-3, 1e2, sweep_points - 1) / cost_scale])
     pooled_S, pooled_C = pooled.scores_NM, pooled.costs_NM
     n = pooled.num_prompts
 
@@ -184,7 +184,13 @@ def evaluate(
             shared = None
             if router.uses_encoder:
                 if router.encoder_name not in enc_cache:
-                    enc_cache[router.encoder_name] = create_encoder(router.encoder_name, seed=seed).fit(tr.prompts)
+                    t_enc = time.perf_counter()
+                    enc = create_encoder(router.encoder_name, seed=seed).fit(tr.prompts)
+                    enc.encode(tr.prompts + te.prompts)  # fills the encoder's cache: timed apart from the routers
+                    enc_cache[router.encoder_name] = enc
+                    key = f"encoder {router.encoder_name}"
+                    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t_enc
+                    t0 = time.perf_counter()
                 shared = enc_cache[router.encoder_name]
             router.fit(tr, encoder=shared)
             if router.needs_test_labels:

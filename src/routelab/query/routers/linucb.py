@@ -42,8 +42,8 @@ class LinUcbRouter(QueryRouter):
         """The online protocol: choose, observe the chosen model's score only, update. Returns (choices, rewards)."""
         z_ND = self._features(x_ND)
         choices, rewards = np.empty(len(z_ND), dtype=np.int64), np.empty(len(z_ND))
+        theta_MD = np.einsum("mij,mj->mi", self._a_inv_MDD, self._b_MD)
         for t, z in enumerate(z_ND):
-            theta_MD = np.einsum("mij,mj->mi", self._a_inv_MDD, self._b_MD)
             az_MD = self._a_inv_MDD @ z
             ucb_M = theta_MD @ z + self.alpha * np.sqrt(np.maximum(az_MD @ z, 0.0)) - lam * self.cost_M
             j = int(argmax_cheapest(ucb_M[None], self.cost_M)[0])
@@ -51,6 +51,7 @@ class LinUcbRouter(QueryRouter):
             az = az_MD[j]
             self._a_inv_MDD[j] -= np.outer(az, az) / (1.0 + z @ az)  # Sherman–Morrison rank-one update of A⁻¹
             self._b_MD[j] += r * z
+            theta_MD[j] = self._a_inv_MDD[j] @ self._b_MD[j]  # only the chosen arm's estimate changed
             choices[t], rewards[t] = j, r - lam * costs_NM[t, j]
         return choices, rewards
 
