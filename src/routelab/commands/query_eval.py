@@ -41,7 +41,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from routelab.query import evaluate, list_routers, load_outcomes
     from routelab.query.encoders import ENCODERS
-    from routelab.query.evaluate import DEFAULT_ROUTERS, parse_router_specs
+    from routelab.query.evaluation import DEFAULT_ROUTERS, parse_router_specs
     from routelab.query.outcomes import OutcomeDataError
     from routelab.query.report import write_report
 
@@ -71,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
     except (OutcomeDataError, ValueError, OSError) as exc:
         return fail("query-eval", exc)
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(args.threads)
+    # BLAS threads too: on a shared CPU, spinning BLAS threads make the SVDs and k-means many times slower
+    threadpool_limits(args.threads)
     start = time.perf_counter()
     print(f"routelab query-eval: {data.num_prompts} prompts, {data.num_models} models, routers "
           f"{', '.join(s.label for s in specs)} -> {out}", file=sys.stderr)

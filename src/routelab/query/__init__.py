@@ -13,8 +13,8 @@ from routelab.query.routers import QueryRouter, create_router, list_routers, loa
 
 
 def evaluate(*args, **kwargs):
-    """See `routelab.query.evaluate.evaluate`."""
-    from routelab.query.evaluate import evaluate as _evaluate
+    """See `routelab.query.evaluation.evaluate`."""
+    from routelab.query.evaluation import evaluate as _evaluate
 
     return _evaluate(*args, **kwargs)
 
