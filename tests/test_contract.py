@@ -105,8 +105,8 @@ def test_layer_input_errors():
         routelab.MoELayer(8, 16, routelab.create_router("topk", d_model=8, num_experts=4), shared_experts=-1)
     with pytest.raises(TypeError, match="router must be"):
         routelab.MoELayer(8, 16, torch.nn.Linear(8, 4))
-    with pytest.raises(ValueError, match="activation must be one of"):
-        routelab.MoELayer(8, 16, routelab.create_router("topk", d_model=8, num_experts=4), activation="relu")
+    with pytest.raises(TypeError, match="dispatcher must be"):
+        routelab.MoELayer(8, 16, routelab.create_router("topk", d_model=8, num_experts=4), dispatcher="local")
     with pytest.raises(ValueError, match="padding_mask"):
         layer(torch.randn(2, 3, 8), routelab.RoutingContext(padding_mask=torch.zeros(2, 4, dtype=torch.bool)))
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import routelab
+from routelab.experts import ExpertBank
 from routelab.routing.erc import erc_loss, perturb_rows
 
 
@@ -89,3 +90,15 @@ def test_erc_options_validated(kwargs, match):
     router = routelab.create_router("topk", d_model=8, num_experts=4)
     with pytest.raises(ValueError, match=match):
         routelab.MoELayer(8, 6, router, **kwargs)
+
+
+def test_erc_needs_a_bank_that_declares_gate_projections_checked_at_build():
+    class Plain(ExpertBank):  # computes fine, but declares no gate projections
+        def expert(self, x_ND, e):
+            return x_ND
+
+    router = routelab.create_router("topk", d_model=8, num_experts=4)
+    with pytest.raises(ValueError, match="gate projections.*Plain"):
+        routelab.MoELayer(8, 6, router, experts=Plain(4, 8, 6), erc_loss_coef=0.1)
+    layer = routelab.MoELayer(8, 6, router, experts=Plain(4, 8, 6))  # without ERC it builds and runs
+    assert layer(torch.randn(3, 8)).shape == (3, 8)

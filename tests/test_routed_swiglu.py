@@ -1,13 +1,26 @@
 """The fused gather → SwiGLU experts → weighted scatter-add (dispatch/routed_swiglu.py): gradcheck, and outputs and
 every gradient against a per-assignment loop in fp64; the expert bank's fused and generic paths agree."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import routelab
 from reference import swiglu_row
+from routelab.dispatch import LocalDispatcher
 from routelab.dispatch.permute import make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
+
+DISPATCHER = LocalDispatcher()
+
+
+def _routed(bank, x, decision):
+    """dispatch → experts → combine through the local dispatcher: fused when the bank offers it, else generic."""
+    if DISPATCHER.can_fuse(bank):
+        return DISPATCHER.fused(x, decision, bank)
+    rows, counts, plan = DISPATCHER.dispatch(x, decision)
+    return DISPATCHER.combine(bank(rows, counts), plan)
 
 
 def _random_decision(T, E, k, seed, dtype=torch.float64):
@@ -90,7 +103,7 @@ def test_zero_tokens():
     bank = _bank(4, 6, 5, seed=0)
     decision = _random_decision(0, 4, 2, seed=0)
     x = torch.randn(0, 6, dtype=torch.float64, requires_grad=True)
-    y = bank.routed(x, make_plan(decision))
+    y = _routed(bank, x, decision)
     assert y.shape == (0, 6)
     y.sum().backward()
     assert x.grad.shape == x.shape
@@ -102,10 +115,9 @@ def test_experts_without_rows_get_zero_gradients_not_none():
         token_index=torch.tensor([0, 1]), expert_index=torch.tensor([2, 2]),
         weight=torch.tensor([0.5, 1.0], dtype=torch.float64), num_tokens=2, num_experts=4,
     )
-    plan = make_plan(decision)
     bank = _bank(4, 6, 5, seed=0)
     x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
-    y = bank.routed(x, plan)
+    y = _routed(bank, x, decision)
     y.sum().backward()
     for grad in (bank.w_gate_up.grad, bank.w_down.grad):
         assert grad is not None and grad[2].abs().sum() > 0
@@ -113,13 +125,15 @@ def test_experts_without_rows_get_zero_gradients_not_none():
 
 
 def test_no_grad_forward_equals_autograd_forward():
+    """The sort-based kernel gives the same bits with and without autograd (the tiny-S decode path, which only
+    no-grad forwards take, is checked against the fp64 reference in tests/test_gathered_swiglu.py)."""
     decision = _random_decision(50, 8, 2, seed=3, dtype=torch.float32)
-    plan = make_plan(decision)
     bank = _bank(8, 16, 24, seed=3, dtype=torch.float32)
     x = torch.randn(50, 16)
-    with_graph = bank.routed(x, plan)
+    sort_based = LocalDispatcher(decode_fast_path=False)
+    with_graph = sort_based.fused(x, decision, bank)
     with torch.no_grad():
-        without = bank.routed(x, plan)
+        without = sort_based.fused(x, decision, bank)
     torch.testing.assert_close(without, with_graph, rtol=0, atol=0)
 
 
@@ -128,15 +142,14 @@ def test_fused_and_generic_paths_agree(dtype, tol):
     """The generic path (gather rows → forward → combine) is what banks with extra options fall back to."""
     T, E, k, D, F = 57, 8, 3, 24, 20
     decision = _random_decision(T, E, k, seed=5, dtype=dtype)
-    plan = make_plan(decision)
     fused, generic = _bank(E, D, F, seed=5, dtype=dtype), _bank(E, D, F, seed=5, dtype=dtype)
     generic.fused = False
+    assert DISPATCHER.can_fuse(fused) and not DISPATCHER.can_fuse(generic)
     x1 = torch.randn(T, D, dtype=dtype, requires_grad=True)
     x2 = _leaf(x1)
-    w1, w2 = _leaf(plan.weight_S), _leaf(plan.weight_S)
-    plan1 = type(plan)(plan.token_S, w1, plan.group_sizes_E, plan.num_tokens)
-    plan2 = type(plan)(plan.token_S, w2, plan.group_sizes_E, plan.num_tokens)
-    y1, y2 = fused.routed(x1, plan1), generic.routed(x2, plan2)
+    w1, w2 = _leaf(decision.weight), _leaf(decision.weight)
+    y1 = _routed(fused, x1, dataclasses.replace(decision, weight=w1))
+    y2 = _routed(generic, x2, dataclasses.replace(decision, weight=w2))
     torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
     upstream = torch.randn_like(y1)
     g1 = torch.autograd.grad(y1, [x1, w1, fused.w_gate_up, fused.w_down], upstream)
@@ -147,10 +160,9 @@ def test_fused_and_generic_paths_agree(dtype, tol):
 
 def test_bf16_stays_close_to_fp32():
     decision = _random_decision(64, 8, 2, seed=7, dtype=torch.float32)
-    plan = make_plan(decision)
     bank = _bank(8, 32, 48, seed=7, dtype=torch.float32)
     x = torch.randn(64, 32)
-    y32 = bank.routed(x, plan)
-    y16 = bank.to(torch.bfloat16).routed(x.to(torch.bfloat16), plan)
+    y32 = _routed(bank, x, decision)
+    y16 = _routed(bank.to(torch.bfloat16), x.to(torch.bfloat16), decision)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=5e-2)

@@ -3,7 +3,8 @@
 Shape legend: T tokens, D model width, E experts, S assignments.
 
 The dispatcher keeps no state: `permute` returns the rows, the group sizes and a `DispatchPlan`, and `combine`
-takes the plan back. Combine weights are applied here and nowhere else.
+takes the plan back. Combine weights are applied in `combine` and nowhere else — except on the fused fast path
+(`dispatch/routed_swiglu.py`), which replaces permute → experts → combine as a whole and applies them once inside.
 """
 
 from __future__ import annotations

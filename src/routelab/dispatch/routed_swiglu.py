@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from routelab.dispatch.groups import expert_groups
+
 
 def routed_swiglu(
     x_TD: Tensor, token_S: Tensor, weight_S: Tensor, group_sizes: list[int], w_gate_up_ED2F: Tensor, w_down_EFD: Tensor
@@ -36,20 +38,11 @@ def routed_swiglu(
     return _forward(x_TD, weight_S, w_gate_up_ED2F, w_down_EFD, token_S, group_sizes, h_S2F=None)
 
 
-def _groups(group_sizes: list[int]):
-    """(expert, start, end) of every non-empty group."""
-    start = 0
-    for e, n in enumerate(group_sizes):
-        if n:
-            yield e, start, start + n
-        start += n
-
-
 def _forward(x_TD, weight_S, w_gate_up, w_down, token_S, group_sizes, h_S2F):
     """The forward; writes the pre-activations of every row into h_S2F when it is given (for backward)."""
     F_ = w_down.shape[1]
     y_TD = x_TD.new_zeros(x_TD.shape)
-    for e, s0, s1 in _groups(group_sizes):
+    for e, s0, s1 in expert_groups(group_sizes):
         token_N = token_S[s0:s1]
         x_ND = x_TD.index_select(0, token_N)
         h_N2F = torch.mm(x_ND, w_gate_up[e], out=h_S2F[s0:s1]) if h_S2F is not None else x_ND @ w_gate_up[e]
@@ -79,7 +72,7 @@ class RoutedSwiGLU(torch.autograd.Function):
         dweight_S = torch.zeros_like(weight_S) if need_w else None
         dgate_up = torch.zeros_like(w_gate_up) if need_gu else None
         ddown = torch.zeros_like(w_down) if need_down else None
-        for e, s0, s1 in _groups(ctx.group_sizes):
+        for e, s0, s1 in expert_groups(ctx.group_sizes):
             token_N, w_N1 = token_S[s0:s1], weight_S[s0:s1, None]
             dy_ND = dy_TD.index_select(0, token_N)
             gate_NF, up_NF = h_S2F[s0:s1, :F_], h_S2F[s0:s1, F_:]

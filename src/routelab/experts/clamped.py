@@ -52,14 +52,6 @@ class ClampedSwiGLUExperts(ExpertBank):
             nn.init.zeros_(self.b_gate_up)
             nn.init.zeros_(self.b_down)
 
-    def forward(self, rows_SD: Tensor, group_sizes_E: Tensor) -> Tensor:
-        """rows_SD sorted by expert, group_sizes_E rows per expert → expert outputs [S, D] in the same order."""
-        slices = rows_SD.split(group_sizes_E.tolist())
-        outputs = [self.expert(rows_ND, e) for e, rows_ND in enumerate(slices) if rows_ND.shape[0]]
-        if not outputs:
-            return rows_SD.new_zeros(0, self.d_model)
-        return torch.cat(outputs)
-
     def expert(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert e on rows x_ND."""
         F_ = self.d_ff
@@ -74,6 +66,9 @@ class ClampedSwiGLUExperts(ExpertBank):
         if self.b_down is not None:
             y_ND = y_ND + self.b_down[e]
         return y_ND
+
+    def gate_projections(self) -> Tensor:
+        return self.w_gate_up[:, :, : self.d_ff]
 
     def extra_repr(self) -> str:
         return (

@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.dispatch.permute import DispatchPlan
-from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.experts.base import ExpertBank
 
 
@@ -31,7 +29,7 @@ class SwiGLUExperts(ExpertBank):
         super().__init__(num_experts, d_model, d_ff)
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_ff))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        # `routed` runs the fused permute → experts → combine kernel; False takes the generic path (tests compare them).
+        # True: offer the weights to the dispatcher's fused kernel; False: the generic path (tests compare them).
         self.fused = True
         self.reset_parameters()
 
@@ -39,35 +37,23 @@ class SwiGLUExperts(ExpertBank):
         nn.init.normal_(self.w_gate_up, std=1.0 / math.sqrt(self.d_model))
         nn.init.normal_(self.w_down, std=1.0 / math.sqrt(self.d_ff))
 
-    def routed(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-        """permute → experts → combine for the plan's assignments: y_TD [T, D] from token rows x_TD [T, D].
-
-        The plain SwiGLU bank runs the three as one pass (`dispatch/routed_swiglu.py`: no [S, D] tensor, SwiGLU
-        recomputed in backward); with `fused = False` it takes `ExpertBank`'s generic path: gather the rows,
-        `forward`, `combine`.
-        """
-        if not self.fused:
-            return super().routed(x_TD, plan)
-        sizes = plan.group_sizes_E.tolist()
-        return routed_swiglu(x_TD, plan.token_S, plan.weight_S, sizes, self.w_gate_up, self.w_down)
-
-    def forward(self, rows_SD: Tensor, group_sizes_E: Tensor) -> Tensor:
-        """rows_SD sorted by expert, group_sizes_E rows per expert → expert outputs [S, D] in the same order."""
-        # NOTE: a loop over non-empty experts on contiguous slices; each iteration is one dense matmul pair.
-        # The weights are unbound once: indexing w[e] per expert would make backward build one full-size zero
-        # gradient per expert (SelectBackward), while UnbindBackward stacks the per-expert gradients once.
-        slices = rows_SD.split(group_sizes_E.tolist())
+    def active_experts(self, experts: list[int]) -> list:
+        # NOTE: the weights are unbound once: indexing w[e] per expert would make backward build one full-size
+        # zero gradient per expert (SelectBackward), while UnbindBackward stacks the per-expert gradients once.
         gate_up_E, down_E = self.w_gate_up.unbind(0), self.w_down.unbind(0)
-        outputs = [
-            swiglu(rows_ND, gate_up_E[e], down_E[e]) for e, rows_ND in enumerate(slices) if rows_ND.shape[0]
-        ]
-        if not outputs:
-            return rows_SD.new_zeros(0, self.d_model)
-        return torch.cat(outputs)
+        return [lambda x_ND, e=e: swiglu(x_ND, gate_up_E[e], down_E[e]) for e in experts]
 
     def expert(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert e on rows x_ND."""
         return swiglu(x_ND, self.w_gate_up[e], self.w_down[e])
+
+    def swiglu_weights(self) -> tuple[Tensor, Tensor] | None:
+        """Both weight banks, so the local dispatcher runs its fused kernel; None when `fused` is False (the
+        generic rows → experts → combine path, which tests compare against)."""
+        return (self.w_gate_up, self.w_down) if self.fused else None
+
+    def gate_projections(self) -> Tensor:
+        return self.w_gate_up[:, :, : self.d_ff]
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}"

@@ -10,15 +10,14 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from routelab._checks import check_choice, check_int
-from routelab.dispatch.permute import make_plan
+from routelab._checks import check_bool, check_int
+from routelab.dispatch.base import Dispatcher
+from routelab.dispatch.local import LocalDispatcher
 from routelab.experts.base import ExpertBank
 from routelab.experts.gated import GatedSharedExpert
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.routing.base import Router, RoutingContext, RoutingDecision
 from routelab.routing.erc import check_erc_options, layer_erc_loss
-
-ACTIVATIONS = ("swiglu",)
 
 
 class MoELayer(nn.Module):
@@ -31,8 +30,13 @@ class MoELayer(nn.Module):
     shared_expert_gate: scale the shared output per token by sigmoid(x·w) (Qwen2-MoE's `GatedSharedExpert`).
     experts:         a prebuilt routed expert bank (an `ExpertBank`, e.g. `ClampedSwiGLUExperts` for gpt-oss);
                      default a `SwiGLUExperts` bank.
+    dispatcher:      how rows reach the experts and come back (a stateless `Dispatcher`); default a
+                     `LocalDispatcher` (every expert here; fused SwiGLU fast path). Expert parallelism installs an
+                     all-to-all one (`routelab.distributed.expert_parallel`).
     erc_loss_coef:   c ≥ 0; in training mode, adds c·ERC loss (routing/erc.py) to the aux losses as "erc".
     erc_alpha:       the ERC loss's α (default 1.0).
+    check_finite:    raise a FloatingPointError when the input holds NaN or inf, before routing on it (off by default:
+                     it costs a pass over the input and a host sync; turn it on to find where NaNs start).
 
     After a forward, `last_decision` holds the routing decision (tensors detached, aux losses with their graph).
     """
@@ -44,12 +48,13 @@ class MoELayer(nn.Module):
         router: Router,
         *,
         shared_experts: int = 0,
-        activation: str = "swiglu",
         shared_d_ff: int | None = None,
         shared_expert_gate: bool = False,
         experts: ExpertBank | None = None,
         erc_loss_coef: float = 0.0,
         erc_alpha: float = 1.0,
+        dispatcher: Dispatcher | None = None,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(router, Router):
@@ -58,7 +63,6 @@ class MoELayer(nn.Module):
             raise ValueError(f"router.d_model={router.d_model} does not match d_model={d_model}")
         check_int("d_ff", d_ff, 1)
         check_int("shared_experts", shared_experts, 0)
-        check_choice("activation", activation, ACTIVATIONS)
         if (shared_d_ff is not None or shared_expert_gate) and not shared_experts:
             raise ValueError("shared_d_ff and shared_expert_gate need shared_experts >= 1")
         if shared_d_ff is not None:
@@ -69,11 +73,18 @@ class MoELayer(nn.Module):
             for name, want in (("num_experts", router.num_experts), ("d_model", d_model), ("d_ff", d_ff)):
                 if getattr(experts, name) != want:
                     raise ValueError(f"experts.{name}={getattr(experts, name)} does not match the layer's {name}={want}")
-        check_erc_options(router, erc_loss_coef, erc_alpha)
+        if dispatcher is not None and not isinstance(dispatcher, Dispatcher):
+            raise TypeError(f"dispatcher must be a routelab Dispatcher, got {type(dispatcher).__name__}")
+        experts = experts if experts is not None else SwiGLUExperts(router.num_experts, d_model, d_ff)
+        check_erc_options(router, experts, erc_loss_coef, erc_alpha)
+        check_bool("check_finite", check_finite)
+        self.check_finite = check_finite
         self.erc_loss_coef, self.erc_alpha = float(erc_loss_coef), float(erc_alpha)
         self.d_model, self.d_ff = d_model, d_ff
         self.router = router
-        self.experts = experts if experts is not None else SwiGLUExperts(router.num_experts, d_model, d_ff)
+        self.experts = experts
+        # A plain object, not a module: it holds no parameters and nothing of it is saved with the model.
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         # A shared expert is a one-expert bank that every token enters with weight 1.
         shared_width = shared_d_ff if shared_d_ff is not None else shared_experts * d_ff
         self.shared_experts: nn.Module | None = None
@@ -93,18 +104,32 @@ class MoELayer(nn.Module):
             raise TypeError(f"MoELayer input must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"MoELayer input must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise FloatingPointError(f"MoELayer input holds {bad} non-finite value(s) (NaN/inf) in a tensor of shape "
+                                     f"{tuple(x.shape)} (check_finite=True)")
         ctx = (ctx or RoutingContext()).replace(batch_shape=tuple(x.shape[:-1]))
         x_TD = x.reshape(-1, self.d_model)
 
         decision = self.router(x_TD, ctx)
         if self.erc_loss_coef > 0 and self.training:
-            erc = self.erc_loss_coef * layer_erc_loss(self, self.erc_alpha)
+            erc = self.erc_loss_coef * layer_erc_loss(self.router, self.experts, self.erc_alpha)
             decision = dataclasses.replace(decision, aux_losses={**decision.aux_losses, "erc": erc})
         self.last_decision = decision.detached()
-        plan = make_plan(decision)  # permute: assignments sorted by expert
-        y_TD = self.experts.routed(x_TD, plan)  # gather rows → experts → weighted combine, in one pass
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD, plan.group_sizes_E.new_tensor([x_TD.shape[0]]))
+        try:
+            if self.dispatcher.can_fuse(self.experts):  # fast path: gather → experts → weighted combine in one kernel
+                y_TD = self.dispatcher.fused(x_TD, decision, self.experts)
+            else:
+                rows_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)  # rows sorted by expert
+                y_TD = self.dispatcher.combine(self.experts(rows_SD, counts_E), plan)  # combine weights applied here
+            if self.shared_experts is not None:
+                y_TD = y_TD + self.shared_experts(x_TD, torch.tensor([x_TD.shape[0]]))
+        except RuntimeError as exc:  # checked only on failure: autocast legitimately mixes dtypes, and it is free
+            weight = next(self.experts.parameters(), None)
+            if weight is not None and weight.dtype != x.dtype:
+                raise TypeError(f"MoELayer input has dtype {x.dtype} but the layer's weights are {weight.dtype}; "
+                                f"convert one (x.to({weight.dtype}) or layer.to({x.dtype}))") from exc
+            raise
         return y_TD.reshape(x.shape), decision
 
     def extra_repr(self) -> str:

@@ -12,7 +12,8 @@ Algorithm (paper for the idea; formula from secondary sources; fp32):
     L = mean_{i≠j} [ReLU(M_ij - α·M_ii) + ReLU(M_ji - α·M_ii)]
 The noise comes from `generator` (or torch's default generator), so a fixed seed gives a fixed loss.
 `MoELayer(..., erc_loss_coef=c, erc_alpha=α)` adds c·L to the decision's aux losses as "erc" in training mode.
-Only routers with a linear gate (`router.gate`, an nn.Linear whose first E rows score the E experts) qualify.
+Only a router that declares linear gate rows (`Router.gate_rows()`) with a bank that declares gate projections
+(`ExpertBank.gate_projections()`) qualifies; the layer checks both when it is built.
 
 Pitfall: inflating W_g lowers the loss; watch weight norms.
 """
@@ -57,20 +58,24 @@ def erc_loss(
     return terms_EE[off_EE].mean()
 
 
-def check_erc_options(router: Router, coef: float, alpha: float) -> None:
-    """Validate the layer's ERC options; ERC needs a router with a linear gate over its experts."""
+def check_erc_options(router: Router, experts: nn.Module, coef: float, alpha: float) -> None:
+    """Validate the layer's ERC options when the layer is built: ERC needs a router that declares linear gate rows
+    (`Router.gate_rows`) and a bank that declares its experts' gate projections (`ExpertBank.gate_projections`)."""
     for name, value in (("erc_loss_coef", coef), ("erc_alpha", alpha)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    gate = getattr(router, "gate", None)
-    if coef > 0 and not (isinstance(gate, nn.Linear) and gate.out_features >= router.num_experts):
+    if coef > 0 and router.gate_rows() is None:
         raise ValueError(
             f"erc_loss_coef > 0 needs a router with a linear gate (router.gate: nn.Linear with >= num_experts rows); "
             f"{type(router).__name__} has none"
         )
+    if coef > 0 and experts.gate_projections() is None:
+        raise ValueError(
+            f"erc_loss_coef > 0 needs an expert bank that declares gate projections (ExpertBank.gate_projections); "
+            f"{type(experts).__name__} does not"
+        )
 
 
-def layer_erc_loss(layer: nn.Module, alpha: float) -> Tensor:
-    """ERC loss of an MoELayer: its router's first E gate rows against its experts' gate projections."""
-    E, F_ = layer.router.num_experts, layer.experts.d_ff
-    return erc_loss(layer.router.gate.weight[:E], layer.experts.w_gate_up[:, :, :F_], alpha=alpha)
+def layer_erc_loss(router: Router, experts: nn.Module, alpha: float) -> Tensor:
+    """ERC loss of a layer: its router's gate rows [E, D] against its experts' gate projections [E, D, F]."""
+    return erc_loss(router.gate_rows(), experts.gate_projections(), alpha=alpha)
