@@ -8,12 +8,13 @@ Executions (equal in exact arithmetic; `tests/test_adapters_execution.py` checks
 - stacked: one matmul over all E·R ranks (`x @ A_all`, [T, E·R]), the ranks of each expert scaled by the token's
   routing weight for it (0 where not selected), one matmul back (`@ B_all`). Wastes E/k of the adapter FLOPs but
   runs as two large matmuls with no gather, sort or Python loop.
-- grouped: the dispatcher's sort-based permute (`routelab.dispatch.permute`), one small matmul pair per expert on
-  its rows only, and the weighted combine. Exact active FLOPs, but a gather, a scatter and E small matmuls.
-`benchmarks/lora.py` times both; "auto" picks stacked while the stacked rank E·R is at most `STACKED_MAX_RANK` (the
-measured crossover on CPU, where small matmuls do not get cheaper in proportion to their size).
+- grouped: the assignments sorted by expert (`routelab.dispatch.make_plan`), one small matmul pair per expert on its
+  rows only, scatter-added back. Exact active FLOPs, but row gathers, scatters and E small matmuls.
+`benchmarks/lora.py` times both; "auto" picks stacked while the stacked rank E·R is at most `STACKED_MAX_RANK`: on
+CPU the stacked form was faster at every E measured (E·R up to 512, k=2), since small matmuls and row gathers do not
+get cheaper in proportion to their size; past that the stacked form's E/k-fold waste is left to the grouped form.
 
-Both are plain autograd compositions (no custom autograd function), so every gradient is the one PyTorch derives.
+The stacked form is plain autograd; the grouped form is one custom autograd function (`_grouped.py`, gradchecked).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from routelab._checks import check_choice, check_int, check_number
-from routelab.dispatch.permute import combine, permute
+from routelab.adapters._grouped import GroupedLoRA
+from routelab.dispatch.permute import make_plan
 from routelab.routing.base import RoutingContext, RoutingDecision
 
 EXECUTIONS = ("auto", "stacked", "grouped")
 # "auto" uses the stacked form up to this many stacked ranks E·R (see benchmarks/lora.py for the measurement).
-STACKED_MAX_RANK = 256
+STACKED_MAX_RANK = 512
 
 
 def stacked_lora(h_TER: Tensor, gate_TE: Tensor, B_ERO: Tensor) -> Tensor:
@@ -42,18 +44,16 @@ def stacked_lora(h_TER: Tensor, gate_TE: Tensor, B_ERO: Tensor) -> Tensor:
 
 
 def grouped_lora(x_TD: Tensor, decision: RoutingDecision, A_ERD: Tensor | None, B_ERO: Tensor) -> Tensor:
-    """Each expert's LoRA on its own rows only: permute by expert, per-expert (x A_eᵀ) B_e, weighted combine.
+    """Each expert's LoRA on its own rows only: the assignments sorted by expert (`make_plan`), then per expert
+    gather its rows, (x A_eᵀ · w) B_e, scatter-add back (`adapters/_grouped.py`, one custom autograd function that
+    never holds an [S, D] tensor). The routing weights multiply the [S, R] rank rows, their one place here.
 
     A_ERD None means the rows are already down-projected (HydraLoRA's shared A): x_TD is then h_TR.
     Returns [T, O]; tokens without assignments get zeros.
     """
-    rows_SD, sizes_E, plan = permute(x_TD, decision)
-    outs = []
-    for e, rows in enumerate(rows_SD.split(sizes_E.tolist())):
-        h = rows if A_ERD is None else rows @ A_ERD[e].T
-        outs.append(h @ B_ERO[e])
-    out_SO = torch.cat(outs) if outs else x_TD.new_zeros(0, B_ERO.shape[-1])
-    return combine(out_SO, plan)
+    plan = make_plan(decision)
+    return GroupedLoRA.apply(x_TD, plan.token_S, plan.weight_S.to(x_TD.dtype), A_ERD, B_ERO,
+                             plan.group_sizes_E.tolist())
 
 
 def resolve_execution(execution: str, stacked_rank: int) -> str:
