@@ -278,6 +278,32 @@ def test_patched_hf_model_k1_equals_hf_with_one_expert_per_token_and_generate():
     assert math.isfinite(float(out.float().sum()))
 
 
+def test_patched_qwen3_moe_k1_and_analysis_of_a_patched_model():
+    from routelab.inference import analyze
+    from routelab.interop.hf import patch_model
+
+    def qwen3(k):
+        cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, max_position_embeddings=64, intermediate_size=48,
+                                          moe_intermediate_size=24, num_experts=4, num_experts_per_tok=k,
+                                          norm_topk_prob=True, experts_implementation="eager")
+        torch.manual_seed(0)
+        return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+    hf2, hf1 = qwen3(2), qwen3(1)
+    hf1.load_state_dict(hf2.state_dict())
+    ids = _ids(B=2, L=10)
+    with torch.no_grad():
+        expected = hf1(ids).logits
+        patch_model(hf2)
+        with override_routing(hf2, k=1):
+            got = hf2(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    result = analyze(hf2, {"x": ids[:1], "y": ids[1:]}, segment_lengths=(1, 4))
+    assert [sum(L["load"]) for L in result["layers"]] == [2.0 * ids.numel()] * 2
+    assert result["layers"][0]["srp"]["1"] == pytest.approx(1.0)
+
+
 def test_routelab_generate_with_kv_cache_under_an_override():
     """Incremental decoding (KV cache, one token per step, left-padded batch) under an override gives the tokens of
     a plain greedy loop that recomputes the whole sequence under the same override."""
