@@ -237,6 +237,10 @@ class TopKRouter(Router):
 
     def select(self, scores_TE: Tensor) -> Tensor:
         """LongTensor [T, k]: the selected experts, from unbiased scores plus the selection bias and groups."""
+        return top_indices(self.selection_scores(scores_TE), self.k)
+
+    def selection_scores(self, scores_TE: Tensor) -> Tensor:
+        """[T, E]: what `select` ranks by — the scores plus the selection bias, −inf outside the kept groups."""
         choice_TE = scores_TE
         if self.balance == "loss_free":
             choice_TE = choice_TE + self.expert_bias.to(choice_TE.dtype)
@@ -253,7 +257,7 @@ class TopKRouter(Router):
             keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, kept_TG, True)
             # Masked experts are excluded with -inf, never 0: biased scores can be negative, and a zero would win.
             choice_TE = grouped_TGX.masked_fill(~keep_TG[..., None], float("-inf")).view(T, self.num_experts)
-        return top_indices(choice_TE, self.k)
+        return choice_TE
 
     # -- balancing state ----------------------------------------------------------------------------------------
 
