@@ -61,7 +61,7 @@ def test_prefill_outputs_bit_identical_and_weights_freed(tmp_path):
 
 @pytest.mark.parametrize("scope,capacity", [("layer", 3), ("global", 8)])
 @pytest.mark.parametrize("policy,prefetch", [("lru", False), ("lfu", False), ("arc", False), ("belady", False),
-                                             ("lru", True)])
+                                             ("lru", True), ("arc", True)])
 @torch.no_grad()
 def test_executor_misses_equal_the_simulators_on_the_runs_trace(tmp_path, policy, prefetch, scope, capacity):
     model, resident = twin_models()
@@ -78,7 +78,7 @@ def test_executor_misses_equal_the_simulators_on_the_runs_trace(tmp_path, policy
         for ids in inputs:
             assert torch.equal(model(ids)[0], resident(ids)[0])
     trace = rec.trace()
-    sim = simulate_cache(trace, capacity, "pregated" if prefetch else policy, scope=scope)
+    sim = simulate_cache(trace, capacity, policy, scope=scope, prefetch=prefetch)
     got = ex.totals()
     assert (got["misses"], got["hits"], got["prefetch_loads"]) == (sim.misses, sim.hits, sim.prefetch_loads)
     assert got["misses"] > 0 and got["hits"] > 0
