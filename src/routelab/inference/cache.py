@@ -635,14 +635,15 @@ def plot_hit_rates(results: Sequence[CacheResult], path: str | Path, *, title: s
     by_policy: dict[str, list[CacheResult]] = {}
     for r in results:
         by_policy.setdefault(r.policy, []).append(r)
+    markers = iter("sv^Dx+<>ph" * 3)
     for policy, rs in by_policy.items():
         rs = sorted(rs, key=lambda r: r.capacity)
         x, y = [r.capacity for r in rs], [r.hit_rate for r in rs]
         if policy == "belady":
             ax.plot(x, y, "k--", marker="o", label="belady (optimal demand loading)")
             ax.fill_between(x, y, 1.0, color="0.9", label="unreachable without prefetch")
-        else:
-            ax.plot(x, y, marker="o", label=policy)
+        else:  # distinct markers, so policies that coincide stay visible
+            ax.plot(x, y, marker=next(markers), markerfacecolor="none", label=policy)
     scope = results[0].scope if results else "layer"
     ax.set_xlabel("capacity (experts " + ("per MoE layer" if scope == "layer" else "in one pool") + ")")
     ax.set_ylabel("hit rate")
