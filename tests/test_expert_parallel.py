@@ -152,3 +152,43 @@ def test_uninitialised_group_is_a_clear_error():
     with pytest.raises(RuntimeError, match="init_process_group"):
         rd.expert_parallel(_layer(4))
 
+
+def _statistics(rank, world):
+    """Routers under a group make the update a single process would make on all ranks' tokens."""
+    xs, _ = _tokens([6, 6], seed=7)
+    cases = [
+        ("topk", dict(k=2, balance="loss_free", bias_update_rate=0.1), "expert_bias"),
+        ("topk", dict(k=1, balance="bip"), "bip_dual"),
+        ("kmeans", dict(k=2, init="random", momentum=0.5), "centroids"),
+        ("kmeans", dict(k=2, init="first_batch"), "centroids"),
+    ]
+    for name, options, buffer in cases:
+        layer = _layer(4, name, shared=0, seed=8, **options)
+        ref = copy.deepcopy(layer)
+        if name == "topk" and options["balance"] == "bip" or options.get("init") == "first_batch":
+            # per-batch statistics (BIP duals: the mean of each rank's duals; k-means' sample: rank 0's batch)
+            for x in xs:
+                ref(x)
+        else:
+            ref(torch.cat(xs))
+        routelab.update_routers(ref)
+        rd.expert_parallel(layer)
+        layer(xs[rank])
+        routelab.update_routers(layer)
+        got, want = getattr(layer.router, buffer), getattr(ref.router, buffer)
+        assert not torch.equal(want, getattr(_layer(4, name, shared=0, seed=8, **options).router, buffer)), name
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name} {options}: {m}")
+    # The Switch aux loss: f from every rank's counts, P from this rank's tokens; the ranks' mean is the global loss.
+    layer = _layer(4, "topk", shared=0, seed=9, k=2, aux_loss_coef=1.0)
+    ref = copy.deepcopy(layer)
+    ref(torch.cat(xs))
+    rd.expert_parallel(layer)
+    layer(xs[rank])
+    aux = layer.last_decision.aux_losses["aux"].detach().reshape(1)
+    dist.all_reduce(aux)
+    torch.testing.assert_close(aux[0] / world, ref.last_decision.aux_losses["aux"].detach(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.timeout(150)
+def test_router_statistics_are_global_under_a_group():
+    run_group(_statistics, 2)

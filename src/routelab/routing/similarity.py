@@ -90,7 +90,7 @@ class SimilarityRouter(Router):
         mixed_TE = (mix_BLL @ probs_TE.view(B, L, E)).reshape(T, E)
 
         token_S, expert_S, weight_S = top_k_choices(mixed_TE, k, real_T, renormalize=k > 1)
-        aux_losses = switch_aux_losses(self.aux_loss_coef, mixed_TE, expert_S, real_T)
+        aux_losses = switch_aux_losses(self.aux_loss_coef, mixed_TE, expert_S, real_T, self)
         return RoutingDecision(
             token_index=token_S,
             expert_index=expert_S,
