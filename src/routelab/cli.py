@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommands in the order `routelab --help` lists them; each names a module of routelab.commands.
-COMMANDS = ("compare", "routers", "demo")
+COMMANDS = ("compare", "train", "eval", "generate", "routers", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,9 +78,11 @@ def resolve(
     data_files: list[str] | None = None,
     steps: int | None = None,
     seed: int | None = None,
+    base: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The validated configuration and the notes to print (e.g. preset entries skipped as unregistered)."""
-    cfg = load_preset(preset)
+    """The validated configuration and the notes to print (e.g. preset entries skipped as unregistered).
+    `base`: a configuration to start from instead of the preset (`routelab train` builds its own)."""
+    cfg = copy.deepcopy(base) if base is not None else load_preset(preset)
     if config_file is not None:
         cfg = merge(cfg, load_yaml(config_file))
     _check_sections(cfg)  # before the overrides below read and write the sections
@@ -194,7 +196,7 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
             d_model=mc.d_model, num_experts=mc.num_experts, **mc.router_options
         )
         for opts in per_layer:
-            create_router(mc.router, d_model=mc.d_model, num_experts=mc.num_experts, **opts, **shared)
+            create_router(mc.router, d_model=mc.d_model, num_experts=mc.num_experts, **{**opts, **shared})
         with torch.device("meta"):  # the whole model, without memory: layer-level errors surface now
             MoETransformerLM(mc)
     except (TypeError, ValueError) as exc:

@@ -10,10 +10,15 @@ Routers come from the registry by name and options, one per MoE layer; `Router.s
 model so that shared router parts (a recurrent router's cell) are the same objects in every layer. Every MoE layer
 receives a `RoutingContext(token_ids, layer_index, step, state)`, the state being what the previous MoE layer's
 decision handed on, so every registered router works here without special cases.
+
+Incremental decoding: `forward(ids, cache=model.new_cache(B, capacity))` runs the next tokens of B cached sequences
+(`kv_cache.DecodeCache`: attention keys/values per block, a `RouterCache` per MoE layer in the routing context, so a
+router that reads earlier tokens finds them there). Only causal routers decode; `models.decoding.generate` drives it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +29,7 @@ from torch import Tensor, nn
 
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.layers.moe import MoELayer, total_aux_loss
+from routelab.models.kv_cache import DecodeCache
 from routelab.models.schedules import SHAPES, k_schedule
 from routelab.routing.base import RoutingContext
 from routelab.routing.registry import create_router, router_class, router_options
@@ -156,12 +162,30 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None = None) -> Tensor:
+        """Causal self-attention over x; with `kv` (decoding), over the cached slots and x, at x's positions."""
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
-        q, k = apply_rope(q, cos[:L], sin[:L]), apply_rope(k, cos[:L], sin[:L])
-        y_BHLK = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if kv is None:
+            q, k = apply_rope(q, cos[:L], sin[:L]), apply_rope(k, cos[:L], sin[:L])
+            y_BHLK = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            cos_B1LK, sin_B1LK = cos[kv.positions_BL][:, None], sin[kv.positions_BL][:, None]
+            q, k = apply_rope(q, cos_B1LK, sin_B1LK), apply_rope(k, cos_B1LK, sin_B1LK)
+            k, v = kv.cache.store(kv.layer, k, v)
+            causal = kv.mask_B1LS is None and L > 1
+            y_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask_B1LS, is_causal=causal)
         return self.proj(y_BHLK.transpose(1, 2).reshape(B, L, D))
+
+
+@dataclass(frozen=True)
+class _KVStep:
+    """What one block's attention needs from the decode cache in one forward."""
+
+    cache: DecodeCache
+    layer: int
+    positions_BL: Tensor
+    mask_B1LS: Tensor | None
 
 
 class DenseSwiGLU(nn.Module):
@@ -203,7 +227,7 @@ class MoETransformerLM(nn.Module):
         moe_layers: dict[int, MoELayer] = {}
         for j, i in enumerate(moe_at):
             router = create_router(
-                cfg.router, d_model=cfg.d_model, num_experts=cfg.num_experts, **self.per_layer_options[j], **shared
+                cfg.router, d_model=cfg.d_model, num_experts=cfg.num_experts, **{**self.per_layer_options[j], **shared}
             )
             moe_layers[i] = MoELayer(cfg.d_model, cfg.d_ff, router, shared_experts=cfg.shared_experts)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -240,19 +264,58 @@ class MoETransformerLM(nn.Module):
                         nn.init.normal_(bank.w_gate_up, std=0.02)
                         nn.init.normal_(bank.w_down, std=residual_std)
 
+    def new_cache(self, batch_size: int, capacity: int) -> DecodeCache:
+        """An empty decode cache for `batch_size` sequences of up to `capacity` tokens (≤ max_seq_len)."""
+        if not isinstance(capacity, int) or not 1 <= capacity <= self.config.max_seq_len:
+            raise ValueError(f"cache capacity must be an integer in [1, max_seq_len={self.config.max_seq_len}], got {capacity!r}")
+        return DecodeCache(
+            num_layers=self.config.n_layers,
+            num_moe_layers=len(self.moe_layers),
+            batch_size=batch_size,
+            capacity=capacity,
+        )
+
     def forward(
-        self, ids: Tensor, targets: Tensor | None = None, *, step: int | None = None
+        self,
+        ids: Tensor,
+        targets: Tensor | None = None,
+        *,
+        step: int | None = None,
+        cache: DecodeCache | None = None,
+        padding_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """With `cache` (incremental decoding), `ids` are the next tokens of the cached sequences and attend to every
+        earlier one; `padding_mask` [B, L] (True: padding, only with a cache) marks slots that hold no token."""
         B, L = ids.shape
         if L > self.config.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
+        if padding_mask is not None and cache is None:
+            raise ValueError("padding_mask needs a decode cache (model.new_cache); training windows have no padding")
+        kv = None
+        if cache is not None:
+            if not self.causal:
+                raise ValueError(
+                    "incremental decoding needs causal routers: " + ", ".join(_non_causal(self)) + " route a token "
+                    "by looking at later tokens of its batch, so generating one token at a time would change them"
+                )
+            real_BL = torch.ones_like(ids, dtype=torch.bool) if padding_mask is None else ~padding_mask.bool()
+            positions_BL, mask_B1LS = cache.begin(real_BL)
+            kv = _KVStep(cache, 0, positions_BL, mask_B1LS)
         x_BLD = self.embed(ids)
         state, moe_index = None, 0
-        for block in self.blocks:
-            x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), self.rope_cos, self.rope_sin)
+        for i, block in enumerate(self.blocks):
+            step_kv = None if kv is None else dataclasses.replace(kv, layer=i)
+            x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), self.rope_cos, self.rope_sin, step_kv)
             h_BLD = block.ffn_norm(x_BLD)
             if isinstance(block.ffn, MoELayer):
-                ctx = RoutingContext(token_ids=ids, layer_index=moe_index, step=step, state=state)
+                ctx = RoutingContext(
+                    token_ids=ids,
+                    layer_index=moe_index,
+                    step=step,
+                    state=state,
+                    padding_mask=padding_mask,
+                    cache=None if cache is None else cache.routers[moe_index],
+                )
                 y_BLD, decision = block.ffn.forward_with_decision(h_BLD, ctx)
                 state, moe_index = decision.state, moe_index + 1
             else:
@@ -263,3 +326,12 @@ class MoETransformerLM(nn.Module):
             return logits_BLV, None
         lm_loss = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]).float(), targets.reshape(-1))
         return logits_BLV, lm_loss + total_aux_loss(self)
+
+
+def _non_causal(model: MoETransformerLM) -> list[str]:
+    """'layer i: router (why)' for each MoE layer whose router is not causal in the model's current mode."""
+    found = []
+    for i, layer in enumerate(model.moe_layers):
+        if not layer.router.causal:
+            found.append(f"MoE layer {i}'s router {type(layer.router).registry_name!r}")
+    return found

@@ -32,6 +32,9 @@ class RoutingContext:
     state:        whatever the previous MoE layer handed on (recurrent routers).
     timestep:     per-sample diffusion time / mask ratio in [0, 1] (capacity schedules).
     step:         the training step (schedules, seeded branches).
+    cache:        a `RouterCache` while a model decodes incrementally (a few new tokens per call, B sequences of
+                  `batch_shape`); None otherwise. Causal routers whose routing reads earlier tokens keep what they
+                  need in it; per-token routers ignore it.
     """
 
     token_ids: Tensor | None = None
@@ -41,6 +44,7 @@ class RoutingContext:
     state: Any = None
     timestep: Tensor | float | None = None
     step: int | None = None
+    cache: RouterCache | None = None
 
     def replace(self, **changes: Any) -> RoutingContext:
         return dataclasses.replace(self, **changes)
@@ -55,6 +59,30 @@ class RoutingContext:
                 f"RoutingContext.padding_mask has {mask_T.numel()} positions but the input has {num_tokens} tokens"
             )
         return mask_T
+
+
+class RouterCache:
+    """What one router keeps from the earlier tokens of the sequences a model decodes incrementally.
+
+    The model makes one per MoE layer for a decode and passes it as `RoutingContext.cache` on every call; each call
+    brings the next tokens of the same B sequences (`batch_shape` [B, L_new]). Tensors are [B, L_past, ...], with
+    no gradient.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+
+    def extend(self, **new: Tensor) -> tuple[Tensor, ...]:
+        """Append each [B, L_new, ...] tensor to the one cached under its name (along dim 1); returns the full
+        [B, L_past + L_new, ...] tensors in the order given."""
+        out = []
+        for name, value in new.items():
+            value = value.detach()
+            past = self.tensors.get(name)
+            full = value if past is None else torch.cat((past, value), dim=1)
+            self.tensors[name] = full
+            out.append(full)
+        return tuple(out)
 
 
 @dataclass(frozen=True)

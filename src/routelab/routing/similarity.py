@@ -64,19 +64,21 @@ class SimilarityRouter(Router):
         if kernel == "bilinear":
             self.similarity = nn.Parameter(torch.eye(d_model) * d_model**-0.5)
 
-    def mixing(self, x_BLD: Tensor, real_BL: Tensor) -> Tensor:
-        """A [B, L, L]: row t is t's distribution over the tokens it mixes with."""
-        L = x_BLD.shape[1]
+    def mixing(self, x_BLD: Tensor, real_BS: Tensor, keys_BSD: Tensor | None = None) -> Tensor:
+        """A [B, L, S]: row t is t's distribution over the tokens it mixes with. The L queries are the last L of the
+        S keys (`keys_BSD`: the cached earlier tokens then x, while decoding; x itself otherwise)."""
+        keys_BSD = x_BLD if keys_BSD is None else keys_BSD
+        L, S = x_BLD.shape[1], keys_BSD.shape[1]
         if self.kernel == "bilinear":
-            sim_BLL = (x_BLD @ self.similarity.to(x_BLD.dtype)) @ x_BLD.transpose(1, 2)
+            sim_BLS = (x_BLD @ self.similarity.to(x_BLD.dtype)) @ keys_BSD.transpose(1, 2)
         else:
-            unit_BLD = F.normalize(x_BLD, dim=-1)
-            sim_BLL = unit_BLD @ unit_BLD.transpose(1, 2)
-        allowed_BLL = real_BL[:, None, :].expand(-1, L, -1)
+            sim_BLS = F.normalize(x_BLD, dim=-1) @ F.normalize(keys_BSD, dim=-1).transpose(1, 2)
+        allowed_BLS = real_BS[:, None, :].expand(-1, L, -1)
         if self.causal:
-            allowed_BLL = allowed_BLL & torch.ones(L, L, dtype=torch.bool, device=x_BLD.device).tril()
-        allowed_BLL = allowed_BLL | torch.eye(L, dtype=torch.bool, device=x_BLD.device)
-        return (sim_BLL / self.tau).masked_fill(~allowed_BLL, float("-inf")).softmax(-1)
+            allowed_BLS = allowed_BLS & torch.ones(L, S, dtype=torch.bool, device=x_BLD.device).tril(S - L)
+        self_LS = torch.arange(S, device=x_BLD.device)[None, :] == torch.arange(S - L, S, device=x_BLD.device)[:, None]
+        allowed_BLS = allowed_BLS | self_LS
+        return (sim_BLS / self.tau).masked_fill(~allowed_BLS, float("-inf")).softmax(-1)
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
         T, E, k = x_TD.shape[0], self.num_experts, self.k
@@ -86,8 +88,12 @@ class SimilarityRouter(Router):
         probs_TE = logits_TE.softmax(-1)
         real_T = real_mask(ctx, T, x_TD.device)
         B, L = sequence_shape(ctx, T)
-        mix_BLL = self.mixing(x_TD.view(B, L, self.d_model), real_T.view(B, L))
-        mixed_TE = (mix_BLL @ probs_TE.view(B, L, E)).reshape(T, E)
+        x_BLD, real_BS, probs_BSE = x_TD.view(B, L, self.d_model), real_T.view(B, L), probs_TE.view(B, L, E)
+        keys_BSD = None
+        if ctx is not None and ctx.cache is not None and self.causal:  # decoding: earlier tokens come from the cache
+            keys_BSD, real_BS, probs_BSE = ctx.cache.extend(x=x_BLD, real=real_BS, probs=probs_BSE)
+        mix_BLS = self.mixing(x_BLD, real_BS, keys_BSD)
+        mixed_TE = (mix_BLS @ probs_BSE).reshape(T, E)
 
         token_S, expert_S, weight_S = top_k_choices(mixed_TE, k, real_T, renormalize=k > 1)
         aux_losses = switch_aux_losses(self.aux_loss_coef, mixed_TE, expert_S, real_T, self)

@@ -1,0 +1,221 @@
+"""`routelab train`: train one model with compare's data pipeline and loop, and write its model folder.
+
+The run folder (--out DIR) holds `train.yaml` (the exact configuration; it marks the folder as a train run),
+`metrics.jsonl`, the training checkpoint (safetensors + JSON, written atomically every `checkpoint_every` steps) and,
+at the end, the model folder `DIR/model/` (`routelab.load_model` reads it). `--resume` continues from the checkpoint;
+a killed and resumed run ends with the same weights as an uninterrupted one (the loop's determinism).
+
+Presets build on compare's: `tiny` is the smoke model (under a minute here), `small` the default compare model;
+both with the top-k router (k=2). A YAML file (`--config`) is merged over the preset; its `model:` section may also
+set `router`, `router_options` and `k_schedule`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from routelab.commands import fail
+
+TRAIN_PRESETS = {
+    # name: (compare preset it builds on, overrides)
+    "tiny": ("smoke", {"train": {"steps": 100, "warmup": 10, "eval_every": 25, "checkpoint_every": 25}}),
+    "small": ("default", {}),
+}
+DEFAULT_ROUTER = {"router": "topk", "router_options": {"k": 2}, "k_schedule": None}
+RUN_MARKER = "train.yaml"
+MODEL_DIR = "model"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="train one MoE LM and write its model folder (DIR/model: config.json, model.safetensors, tokenizer.json)",
+        description="Train one MoE language model with the same data pipeline, determinism, checkpoints and "
+        "validation as compare, and write the model folder DIR/model/ (load it with routelab.load_model, "
+        "`routelab eval` or `routelab generate`).",
+    )
+    parser.add_argument("--preset", default="tiny", choices=tuple(TRAIN_PRESETS),
+                        help="tiny (under a minute) or small (the default compare model) (default: %(default)s)")
+    parser.add_argument("--config", metavar="YAML", help="a YAML file (data:, model:, train:) merged over the preset; "
+                        "model: may set router, router_options and k_schedule (default router: topk, k=2)")
+    parser.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files, each one domain "
+                        "(default: the built-in corpus from the Python standard library)")
+    parser.add_argument("--out", required=True, help="run folder; the model folder is written to OUT/model")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--steps", type=int, help="training steps (overrides the preset)")
+    parser.add_argument("--seed", type=int, help="seed (overrides the preset)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything (config, data files, --out) before any work; errors print one line, exit 2."""
+    from routelab.compare import ConfigError
+    from routelab.data.corpus import DataError
+
+    if args.threads < 1:
+        return fail("train", f"--threads must be >= 1, got {args.threads}")
+    try:
+        cfg = resolve_train(preset=args.preset, config_file=args.config, data_files=args.data, steps=args.steps,
+                            seed=args.seed)
+        if cfg["data"].get("source") == "files":
+            from routelab.data.corpus import file_corpus
+
+            file_corpus(cfg["data"]["files"])  # missing, unreadable, non-UTF-8 or empty files fail here
+        check_run_dir(Path(args.out), cfg, resume=args.resume)
+    except (ConfigError, DataError) as exc:
+        return fail("train", exc)
+    if not args.quiet:
+        print(f"routelab train: preset {args.preset}, router {cfg['variants'][0]['router']}, "
+              f"{cfg['train']['steps']} steps → {args.out}/{MODEL_DIR}")
+    try:
+        summary = run_train(cfg, out_dir=Path(args.out), resume=args.resume, quiet=args.quiet, threads=args.threads)
+    except (ConfigError, DataError) as exc:
+        return fail("train", exc)
+    print(f"model: {summary['model_dir']} (val loss {summary['final']['val_loss']:.3f}, "
+          f"ppl {summary['final']['val_perplexity']:.1f}, {summary['wall_seconds']:.0f} s)")
+    return 0
+
+
+def resolve_train(
+    *,
+    preset: str = "tiny",
+    config_file: str | Path | None = None,
+    data_files: list[str] | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The validated configuration, in compare's form with one variant (named "model")."""
+    from routelab.compare.config import ConfigError, load_preset, load_yaml, merge, resolve
+
+    if preset not in TRAIN_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(TRAIN_PRESETS)}")
+    base_name, overrides = TRAIN_PRESETS[preset]
+    cfg = merge(load_preset(base_name), overrides)
+    router = dict(DEFAULT_ROUTER)
+    if config_file is not None:
+        user = load_yaml(config_file)
+        if "variants" in user or "reference_k" in user:
+            raise ConfigError(f"config file {config_file}: train takes data:, model:, train: (the router goes in "
+                              "model: router, router_options, k_schedule), not variants/reference_k")
+        model = user.get("model")
+        if isinstance(model, dict):
+            model = dict(model)
+            for key in ("router", "router_options", "k_schedule"):
+                if key in model:
+                    router[key] = model.pop(key)
+            if "vocab_size" in model:
+                raise ConfigError("model.vocab_size is the tokenizer's: set data.vocab_size instead")
+            user = {**user, "model": model}
+        cfg = merge(cfg, user)
+    cfg["variants"] = [{"name": "model", "router": router["router"], "options": router["router_options"] or {},
+                        "k_schedule": router["k_schedule"]}]
+    # compare's resolve does the rest (sections, overrides, every field, the router), before any work; a variant
+    # whose router is not registered is dropped there, which leaves none: an error listing the registered ones.
+    cfg, _ = resolve(base=cfg, data_files=data_files, steps=steps, seed=seed)
+    return cfg
+
+
+def check_run_dir(out: Path, cfg: dict[str, Any], *, resume: bool) -> None:
+    """Raise a ConfigError unless `out` may take this run: a new or empty folder, or an earlier train run (its
+    `train.yaml` marker present); with `resume`, an earlier run of the same configuration. Nothing is written."""
+    import yaml
+
+    from routelab.compare.config import ConfigError
+
+    if out.is_symlink():
+        raise ConfigError(f"--out {out} is a symbolic link; give the folder itself")
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "--out" if path == out else f"--out's parent {path}"
+                raise ConfigError(f"{what} must be a folder (existing or new), but {path} is a file")
+            break
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    marker = out / RUN_MARKER
+    if not marker.is_file() or marker.is_symlink():
+        raise ConfigError(f"--out {out} is a non-empty folder that is not a routelab train run ({RUN_MARKER} "
+                          "missing); give a new or empty folder")
+    if resume:
+        try:
+            previous = yaml.safe_load(marker.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--resume: {marker} is unreadable ({exc}); start a new run in another folder") from None
+        if previous != yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)):
+            raise ConfigError(f"--resume: {out} holds a run with a different configuration (see {marker}); "
+                              "use the same options, or another --out")
+
+
+def run_train(
+    cfg: dict[str, Any],
+    *,
+    out_dir: Path,
+    resume: bool = False,
+    quiet: bool = False,
+    threads: int | None = None,
+    cache: Path | None = None,
+    on_step=None,
+) -> dict[str, Any]:
+    """Train the configuration's one variant in `out_dir` and write the model folder `out_dir/model`; returns a
+    summary (model_dir, final metrics, wall_seconds). `on_step` is passed to the loop (tests stop a run with it)."""
+    import torch
+    import yaml
+
+    from routelab._atomic import atomic_write_text
+    from routelab.compare.config import model_config
+    from routelab.compare.runner import load_data
+    from routelab.models.io import save_model
+    from routelab.train.loop import TrainConfig, train
+
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        started = time.perf_counter()
+        check_run_dir(out_dir, cfg, resume=resume)
+        data = load_data(cfg, cache=cache)
+        train_cfg = TrainConfig(**cfg["train"])
+        data.check_windows(train_cfg.seq_len)
+        variant = cfg["variants"][0]
+        mc = model_config(cfg, variant, vocab_size=data.vocab_size)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / RUN_MARKER, yaml.safe_dump(cfg, sort_keys=False))
+        result = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc="train",
+                       on_step=on_step, log=lambda message: print(message, file=sys.stderr))
+        final = {k: v for k, v in result.final.items() if k not in ("load_by_domain",)}
+        final["val_perplexity"] = math.exp(final["val_loss"]) if final["val_loss"] < 700 else float("inf")
+        training = {
+            "config": copy.deepcopy(cfg),
+            "data": {
+                "domains": [{"name": d.name, "source": d.source, "train_tokens": d.train.numel(),
+                             "val_tokens": d.val.numel()} for d in data.domains],
+                "tokenizer_key": data.tokenizer_key,
+            },
+            "train_tokens": result.train_tokens,
+            "train_seconds": result.train_seconds,
+            "final": final,
+        }
+        model_dir = save_model(result.model, data.tokenizer, out_dir / MODEL_DIR,
+                               training=_json_safe(training))
+        return {"model_dir": str(model_dir), "final": final, "wall_seconds": time.perf_counter() - started}
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON-ready: non-finite floats become null (JSON has no NaN), tuples lists."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,189 @@
+"""`routelab train`, `eval` and `generate`: trained models as folders, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import routelab
+from routelab.cli import main
+from routelab.commands.train import TRAIN_PRESETS, resolve_train, run_train
+from routelab.compare import load_preset
+
+CONFIG = """\
+data: {vocab_size: 320, max_chars: 0}
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 32, num_experts: 4, router: topk, router_options: {k: 2}}
+train: {steps: 8, batch_size: 4, seq_len: 32, warmup: 2, eval_every: 4, checkpoint_every: 4, eval_windows: 2,
+        eval_batch_size: 4, seed: 3}
+"""
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ROUTELAB_CACHE", str(tmp_path_factory.getbasetemp() / "routelab-cache"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    prose, code = root / "prose.txt", root / "code.txt"
+    prose.write_text("".join(f"The {w} sat on the mat number {i}, and then it slept.\n"
+                             for i, w in enumerate(["cat", "dog", "bird"] * 100)))
+    code.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)))
+    config = root / "tiny.yaml"
+    config.write_text(CONFIG)
+    return {"prose": prose, "code": code, "config": config}
+
+
+def _train_args(files, out, *more):
+    return ["train", "--config", str(files["config"]), "--data", str(files["prose"]), str(files["code"]),
+            "--out", str(out), "--quiet", *more]
+
+
+@pytest.fixture(scope="module")
+def trained(files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "m"
+    assert main(_train_args(files, out)) == 0
+    return out
+
+
+def test_train_writes_a_loadable_model_folder(trained):
+    assert sorted(p.name for p in (trained / "model").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "training.json"]
+    model, tokenizer = routelab.load_model(trained / "model")
+    assert model.config.router == "topk" and model.config.d_model == 32 and not model.training
+    assert model.config.vocab_size == tokenizer.get_vocab_size()
+    training = json.loads((trained / "model" / "training.json").read_text())
+    assert training["config"]["train"]["steps"] == 8
+    assert [d["name"] for d in training["data"]["domains"]] == ["prose", "code"]
+    assert math.isfinite(training["final"]["val_loss"])
+
+
+def test_killed_and_resumed_train_equals_uninterrupted(files, trained, tmp_path):
+    cfg = resolve_train(config_file=files["config"], data_files=[str(files["prose"]), str(files["code"])])
+
+    def kill_at_step_6(step, record):
+        if step == 6:
+            raise Stop  # the last checkpoint is at step 4
+
+    with pytest.raises(Stop):
+        run_train(cfg, out_dir=tmp_path / "cut", quiet=True, on_step=kill_at_step_6)
+    assert not (tmp_path / "cut" / "model").exists()  # no model folder from an unfinished run
+    assert main(_train_args(files, tmp_path / "cut", "--resume")) == 0
+    want = load_file(str(trained / "model" / "model.safetensors"))
+    got = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+def test_train_presets_build_on_compare():
+    small = resolve_train(preset="small")
+    default = load_preset("default")
+    assert {k: small["model"][k] for k in default["model"]} == default["model"]
+    assert small["train"] == {**default["train"], **small["train"]} and small["train"]["steps"] == 250
+    assert [(v["router"], v["options"]) for v in small["variants"]] == [("topk", {"k": 2})]
+    tiny = resolve_train(preset="tiny")
+    assert tiny["train"]["checkpoint_every"] > 0 and set(TRAIN_PRESETS) == {"tiny", "small"}
+
+
+def test_eval_numbers_equal_a_hand_loop(trained, files, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(trained / "model"), "--data", str(files["prose"]), str(files["code"]), "--json",
+                 str(out), "--seq-len", "16", "--max-windows", "9", "--batch-size", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "prose.txt" in table and "code.txt" in table
+    report = json.loads(out.read_text())
+    model, tokenizer = routelab.load_model(trained / "model")
+    for path, got in zip((files["prose"], files["code"]), report["files"]):
+        ids = tokenizer.encode(path.read_text(), add_special_tokens=False).ids
+        loss_sum, count = 0.0, 0
+        load = [torch.zeros(4, dtype=torch.float64) for _ in model.moe_layers]
+        assignments = [0] * len(model.moe_layers)
+        with torch.no_grad():
+            for w in range(9):  # window w predicts tokens 16w+1 .. 16w+16, one window at a time
+                x = torch.tensor([ids[16 * w : 16 * w + 16]])
+                y = torch.tensor([ids[16 * w + 1 : 16 * w + 17]])
+                logits = model(x)[0]
+                loss_sum += F.cross_entropy(logits[0].double(), y[0], reduction="sum").item()
+                count += 16
+                for j, layer in enumerate(model.moe_layers):
+                    d = layer.last_decision
+                    load[j] += torch.bincount(d.expert_index, minlength=4).double()
+                    assignments[j] += d.expert_index.numel()
+        assert got["tokens"] == count == 9 * 16 and got["windows"] == 9
+        assert got["loss"] == pytest.approx(loss_sum / count, rel=1e-5)
+        assert got["perplexity"] == pytest.approx(math.exp(loss_sum / count), rel=1e-5)
+        assert got["experts_per_token_by_layer"] == pytest.approx([a / count for a in assignments])
+        assert got["load_by_layer"] == [l.tolist() for l in load]
+        assert got["imbalance_max_over_mean_by_layer"] == pytest.approx([float(l.max() / l.mean()) for l in load])
+
+
+def test_generate_prints_the_greedy_continuation(trained, capsys):
+    model, tokenizer = routelab.load_model(trained / "model")
+    prompts = ["def f1", "The cat sat on"]
+    assert main(["generate", str(trained / "model"), "--prompt", prompts[0], "--prompt", prompts[1],
+                 "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    for text in prompts:  # the hand loop: full recompute, argmax, per prompt alone
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        new = []
+        with torch.no_grad():
+            for _ in range(6):
+                new.append(int(model(torch.tensor([ids + new]))[0][0, -1].argmax()))
+        eos = tokenizer.token_to_id("<|endoftext|>")
+        new = new[: new.index(eos)] if eos in new else new
+        assert text + tokenizer.decode(new, skip_special_tokens=False) in printed
+    assert main(["generate", str(trained / "model"), "--prompt", "def", "--temperature", "0.9", "--top-k", "5",
+                 "--seed", "1", "--max-new-tokens", "5"]) == 0
+    first = capsys.readouterr().out
+    main(["generate", str(trained / "model"), "--prompt", "def", "--temperature", "0.9", "--top-k", "5",
+          "--seed", "1", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out == first
+
+
+def _fails(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_bad_input_is_one_line_before_any_work(trained, files, tmp_path, capsys):
+    m = str(trained / "model")
+    _fails(capsys, ["generate", str(tmp_path / "nope"), "--prompt", "x"], "no such directory")
+    _fails(capsys, ["generate", m, "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be")
+    _fails(capsys, ["generate", m, "--prompt", "x", "--temperature", "-1"], "--temperature must be a number >= 0")
+    _fails(capsys, ["generate", m, "--prompt", "x", "--top-k", "0"], "--top-k must be")
+    _fails(capsys, ["generate", m, "--prompt", "the cat " * 40], "max_seq_len")
+    _fails(capsys, ["generate", m, "--prompt", "x", "--max-new-tokens", "40"], "does not fit")
+    _fails(capsys, ["generate", m, "--prompt", ""], "--prompt 1 is empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    _fails(capsys, ["eval", str(broken), "--data", str(files["prose"])], "config.json: not valid JSON")
+    empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
+    empty.write_text("")
+    latin.write_bytes("café\n".encode("latin-1"))
+    _fails(capsys, ["eval", m, "--data", str(empty)], "data file is empty")
+    _fails(capsys, ["eval", m, "--data", str(latin)], "not valid UTF-8")
+    _fails(capsys, ["eval", m, "--data", str(files["prose"]), "--seq-len", "999"], "exceeds the model's max_seq_len")
+    for bad in (empty, latin):  # train: the error comes before anything is written to --out
+        out = tmp_path / f"out-{bad.stem}"
+        _fails(capsys, _train_args(files, out)[:-4] + ["--data", str(bad), "--out", str(out)], "data file")
+        assert not out.exists()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    _fails(capsys, _train_args(files, precious), "not a routelab train run")
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+    _fails(capsys, _train_args(files, trained, "--resume", "--seed", "9"), "different configuration")
