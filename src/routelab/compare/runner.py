@@ -82,11 +82,17 @@ def _run_compare(
     cache: Path | None, log: Callable[[str], None],
 ) -> dict[str, Any]:
     from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
+    from routelab.train import distributed
 
+    main = distributed.is_main()  # under torchrun every rank trains every variant; rank 0 alone writes
     out = Path(out_dir)
     check_out_dir(out)  # before the (slow) data loading
     started = time.perf_counter()
+    if not main:
+        distributed.barrier()  # rank 0 builds (and caches) the tokenizer first
     data = load_data(cfg, cache=cache)
+    if main:
+        distributed.barrier()
     train_cfg = TrainConfig(**cfg["train"])
     data.check_windows(train_cfg.seq_len)
     setup_seconds = time.perf_counter() - started
@@ -100,10 +106,13 @@ def _run_compare(
         if previous != yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)):
             raise ConfigError(f"--resume: {out} holds a comparison with a different configuration "
                               f"(see {out / 'config.yaml'}); use another --out or the same options")
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        remove_stale_variants(out / "variants")
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    distributed.barrier()  # every rank has read the previous config before rank 0 replaces it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            remove_stale_variants(out / "variants")
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    distributed.barrier()
 
     warm_up(cfg, data, train_cfg)
     results = []
@@ -122,7 +131,8 @@ def _run_compare(
             result = run_variant(cfg, variant, data, train_cfg, out_dir=vdir, resume=resume, quiet=quiet,
                                  desc=f"[{i + 1}/{n}] {variant['name']}", bar_position=1, log=log)
             result["variant_hash"] = vhash
-            atomic_write_text(done_path, json.dumps(result, indent=1))
+            if main:
+                atomic_write_text(done_path, json.dumps(result, indent=1))
         results.append(result)
         if overall is not None:
             overall.update(1)
@@ -148,8 +158,10 @@ def _run_compare(
         "variants": results,
     }
     summary["wall_seconds"] = time.perf_counter() - started
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
-    write_report(summary, out)
+    if main:
+        atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+        write_report(summary, out)
+    distributed.barrier()
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
 
