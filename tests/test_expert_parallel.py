@@ -30,10 +30,10 @@ class FixedRouter(routelab.Router):
 
     def forward(self, x_TD, ctx=None):
         T = x_TD.shape[0]
-        expert_TK = torch.tensor([self.rule(t) for t in range(T)], dtype=torch.long).reshape(T, -1)
+        k = len(self.rule(0))
+        expert_TK = torch.tensor([self.rule(t) for t in range(T)], dtype=torch.long).reshape(T, k)
         probs_TE = torch.softmax(self.gate(x_TD), dim=-1)
         weight_TK = probs_TE.gather(1, expert_TK)
-        k = expert_TK.shape[1]
         return routelab.RoutingDecision(
             token_index=torch.arange(T).repeat_interleave(k), expert_index=expert_TK.reshape(-1),
             weight=weight_TK.reshape(-1), num_tokens=T, num_experts=self.num_experts,
@@ -99,6 +99,9 @@ def _scenarios_two(rank, world):
     for ll in (False, True):
         _check_against_reference(rank, world, _layer(4, "fixed", seed=2, rule=lambda t: [0]), [6, 7],
                                  least_loaded=ll)
+    # Least-loaded with a helper rank that has no tokens of its own.
+    _check_against_reference(rank, world, _layer(4, "fixed", seed=6, rule=lambda t: [0, 1]), [9, 0],
+                             least_loaded=True)
     # Batch-coupled: expert choice routes each rank's tokens as its own batch.
     _check_against_reference(rank, world, _layer(4, "expert_choice", seed=3), [8, 6], coupled=True)
 
