@@ -104,6 +104,7 @@ def _scenarios_two(rank, world):
                              least_loaded=True)
     # Batch-coupled: expert choice routes each rank's tokens as its own batch.
     _check_against_reference(rank, world, _layer(4, "expert_choice", seed=3), [8, 6], coupled=True)
+    _statistics(rank, world)
 
 
 def _scenarios_four(rank, world):
@@ -123,7 +124,7 @@ def _scenarios_four(rank, world):
 
 
 @pytest.mark.timeout(150)
-def test_two_ranks_match_one_process():
+def test_two_ranks_match_one_process_and_make_router_statistics_global():
     run_group(_scenarios_two, 2)
 
 
@@ -190,8 +191,3 @@ def _statistics(rank, world):
     aux = layer.last_decision.aux_losses["aux"].detach().reshape(1)
     dist.all_reduce(aux)
     torch.testing.assert_close(aux[0] / world, ref.last_decision.aux_losses["aux"].detach(), rtol=1e-10, atol=0)
-
-
-@pytest.mark.timeout(150)
-def test_router_statistics_are_global_under_a_group():
-    run_group(_statistics, 2)

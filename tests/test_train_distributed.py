@@ -53,15 +53,14 @@ def _stop_at(n):
     return on_step
 
 
-def _two_ranks(rank, world, data, out, resume_from):
-    if resume_from is None:  # a full 2-rank run, and a second one stopped after its step-4 checkpoint
-        train(_model(data), CFG, data, out_dir=out / "two", progress=False)
-        try:
-            train(_model(data), CFG, data, out_dir=out / "two_cut", progress=False, on_step=_stop_at(5))
-        except Stop:
-            pass
-    else:  # resume a one-process checkpoint on 2 ranks
-        train(_model(data), CFG, data, out_dir=resume_from, resume=True, progress=False)
+def _two_ranks(rank, world, data, out):
+    # 2 ranks from step 0, stopped after their step-4 checkpoint (one process resumes it below) ...
+    try:
+        train(_model(data), CFG, data, out_dir=out / "two_cut", progress=False, on_step=_stop_at(5))
+    except Stop:
+        pass
+    # ... and a one-process step-4 checkpoint resumed on 2 ranks.
+    train(_model(data), CFG, data, out_dir=out / "one_cut", resume=True, progress=False)
 
 
 @pytest.mark.timeout(240)
@@ -69,13 +68,14 @@ def test_two_ranks_equal_one_process_and_checkpoints_move_between_world_sizes(da
     one = train(_model(data), CFG, data, out_dir=tmp_path / "one", progress=False)
     with pytest.raises(Stop):
         train(_model(data), CFG, data, out_dir=tmp_path / "one_cut", progress=False, on_step=_stop_at(5))
-    run_group(_two_ranks, 2, data, tmp_path, None, timeout=200)
-    run_group(_two_ranks, 2, data, tmp_path, tmp_path / "one_cut", timeout=200)
+    run_group(_two_ranks, 2, data, tmp_path, timeout=200)
+    two_loss, two_val = _curve(tmp_path / "two_cut")  # steps 1-5 on 2 ranks (records up to the stop)
 
     loss_one, val_one = _curve(tmp_path / "one")
-    for folder in ("two", "one_cut"):  # 2 ranks from scratch; 1 process to step 4, then 2 ranks
-        loss, val = _curve(tmp_path / folder)
-        assert loss == pytest.approx(loss_one, rel=RTOL) and val == pytest.approx(val_one, rel=RTOL), folder
+    assert len(two_loss) == 5 and two_loss == pytest.approx(loss_one[:5], rel=RTOL)
+    assert two_val == pytest.approx(val_one[:2], rel=RTOL)
+    loss, val = _curve(tmp_path / "one_cut")  # 1 process to step 4, then 2 ranks
+    assert loss == pytest.approx(loss_one, rel=RTOL) and val == pytest.approx(val_one, rel=RTOL)
     # The 2-rank checkpoint (step 4) is consolidated: one process resumes it and ends where one process does.
     resumed = train(_model(data), CFG, data, out_dir=tmp_path / "two_cut", resume=True, progress=False)
     assert _curve(tmp_path / "two_cut")[0] == pytest.approx(loss_one, rel=RTOL)
