@@ -58,3 +58,10 @@ def all_gather_rows(x: Tensor, group) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.stack(parts)
+
+
+def collective_device(group) -> torch.device:
+    """Where small bookkeeping tensors must live for `group`'s backend: the current CUDA device for nccl."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

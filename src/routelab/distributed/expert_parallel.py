@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from routelab.distributed._collectives import all_gather_rows
+from routelab.distributed._collectives import all_gather_rows, collective_device
 from routelab.distributed.all_to_all import AllToAllDispatcher
 from routelab.layers.moe import MoELayer
 from routelab.routing.base import Router
@@ -49,7 +49,8 @@ def expert_parallel(model: nn.Module, group=None, *, least_loaded: bool = False,
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
     # The checksum is the first collective, entered by every rank before any check that could differ by rank.
     digest = _digest(model, least_loaded, alpha)
-    digests = all_gather_rows(torch.tensor([digest], dtype=torch.long), group)[:, 0].tolist()
+    digest_t = torch.tensor([digest], dtype=torch.long, device=collective_device(group))
+    digests = all_gather_rows(digest_t, group)[:, 0].tolist()
     if len(set(digests)) > 1:
         raise ValueError(
             f"expert_parallel: the model differs across ranks (parameter-shape checksums by rank: {digests}); "

@@ -103,13 +103,15 @@ class DistributedRun:
 
         sharded = {id(p) for p in expert_parameters(model)}
         with_grad = [p for p in model.parameters() if p.grad is not None]
-        expert_sq = torch.zeros(1, dtype=torch.float64)
+        from routelab.distributed._collectives import collective_device
+
+        expert_sq = torch.zeros(1, dtype=torch.float64, device=collective_device(None))
         for p in with_grad:
             if id(p) in sharded:
                 expert_sq += p.grad.double().pow(2).sum()
         dist.all_reduce(expert_sq)  # Σ over ranks of the expert gradients' squares
         replicated_sq = sum(p.grad.double().pow(2).sum() for p in with_grad if id(p) not in sharded)
-        total = (expert_sq[0] + replicated_sq).sqrt()
+        total = (expert_sq[0].cpu() + torch.as_tensor(replicated_sq, dtype=torch.float64).cpu()).sqrt()
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for p in with_grad:
             p.grad.mul_(coef.to(p.grad.dtype))
