@@ -187,3 +187,51 @@ def test_bad_input_is_one_line_before_any_work(trained, files, tmp_path, capsys)
     _fails(capsys, _train_args(files, precious), "not a routelab train run")
     assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
     _fails(capsys, _train_args(files, trained, "--resume", "--seed", "9"), "different configuration")
+
+
+def test_generate_refuses_a_model_whose_routers_read_later_tokens(trained, tmp_path, capsys):
+    from routelab.models import ModelConfig, MoETransformerLM
+
+    _, tokenizer = routelab.load_model(trained / "model")
+    cfg = ModelConfig(vocab_size=tokenizer.get_vocab_size(), d_model=32, n_layers=2, n_heads=2, d_ff=32,
+                      num_experts=4, max_seq_len=32, router="expert_choice")
+    routelab.save_model(MoETransformerLM(cfg), tokenizer, tmp_path / "ec")
+    _fails(capsys, ["generate", str(tmp_path / "ec"), "--prompt", "def"], "not causal at inference")
+    assert main(["eval", str(tmp_path / "ec"), "--data", str(trained / "train.yaml")]) == 0  # eval needs no causality
+
+
+def test_train_killed_by_sigkill_and_resumed_equals_uninterrupted(files, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "longer.yaml"
+    config.write_text(CONFIG.replace("steps: 8,", "steps: 24,").replace("checkpoint_every: 4", "checkpoint_every: 2"))
+    args = ["--config", str(config), "--data", str(files["prose"]), str(files["code"]), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(routelab.__file__).parents[1])}
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "routelab", "train", *args, "--out", str(cut)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads((cut / "checkpoint.json").read_text())["step"] >= 4:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (cut / "model").exists()
+    assert main(["train", *args, "--out", str(cut), "--resume"]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
+    want = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    got = load_file(str(cut / "model" / "model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

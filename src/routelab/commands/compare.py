@@ -24,9 +24,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="training steps per variant (overrides the preset)")
     parser.add_argument("--seed", type=int, help="seed of every variant (overrides the preset; rerun with another "
                          "seed to see how much of a difference is noise)")
-    parser.add_argument("--out", help="report folder (default: runs/compare-<preset>)")
+    parser.add_argument("--out", help="report folder (default: runs/compare-<preset>); a non-empty folder that is "
+                         "not a routelab run is refused (see --overwrite)")
     parser.add_argument("--config", metavar="YAML", help="a YAML file merged over the preset")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                         help="write into a non-empty --out that is not a routelab run (files of routelab's names are "
+                         "replaced; nothing else there is deleted)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=1,
                          help="torch threads (default: %(default)s; these small models gain little from more threads, "
@@ -35,17 +39,30 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate everything (config, routers, data files) before training; errors print one clear line, exit 2."""
+    """Validate everything (config, routers, data files) before training; errors print one clear line, exit 2.
+    Ctrl-C prints one line saying how to continue (exit 130); atomic writes leave no partial file behind."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        out = args.out or f"runs/compare-{args.preset}"
+        print(f"\nroutelab compare: interrupted; continue with --resume (same options, --out {out})", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from routelab._runs import RunFolderError
     from routelab.compare import ConfigError, resolve, run_compare
     from routelab.data.corpus import DataError
-
     from routelab.train import distributed
 
     if distributed.launched():  # torchrun: every rank trains every variant (DP + EP); rank 0 writes and prints
         distributed.init()
         args.quiet = args.quiet or not distributed.is_main()
-    routers = [name for item in args.routers or [] for name in item.split(",") if name.strip()]
-    routers = [name.strip() for name in routers]
+    routers = [name.strip() for item in args.routers or [] for name in item.split(",") if name.strip()]
+    if args.routers is not None and not routers:
+        return fail("compare", f"--routers needs at least one router or variant name, got {' '.join(args.routers)!r}")
+    if args.out is not None and not args.out.strip():
+        return fail("compare", "--out must name a folder, got an empty string")
     try:
         cfg, notes = resolve(preset=args.preset, config_file=args.config, routers=routers or None,
                              data_files=args.data, steps=args.steps, seed=args.seed)
@@ -64,13 +81,12 @@ def run(args: argparse.Namespace) -> int:
         names = ", ".join(v["name"] for v in cfg["variants"])
         print(f"routelab compare: preset {args.preset}, {len(cfg['variants'])} variants ({names}) → {out}")
     try:
-        summary = run_compare(cfg, out_dir=out, resume=args.resume, quiet=args.quiet, notes=notes,
-                              threads=args.threads)
-    except (ConfigError, DataError) as exc:
+        summary = run_compare(cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                              notes=notes, threads=args.threads)
+    except (ConfigError, DataError, RunFolderError) as exc:
         return fail("compare", exc)
     failed = [v for v in summary["variants"] if "error" in v]
     for v in failed if distributed.is_main() else []:
         print(f"variant {v['name']} failed: {v['error']}", file=sys.stderr)
-    if distributed.is_main():
-        print(f"report: {out}/report.md ({summary['wall_seconds']:.0f} s)")
+    print(f"report: {out}/report.md ({summary['wall_seconds']:.0f} s)")
     return 1 if failed else 0

@@ -178,7 +178,7 @@ def run_train(
 
     from routelab._atomic import atomic_write_text
     from routelab.compare.config import model_config
-    from routelab.compare.runner import load_data
+    from routelab.compare.runner import json_safe, load_data
     from routelab.models.io import save_model
     from routelab.train import distributed
     from routelab.train.loop import TrainConfig, train
@@ -220,19 +220,8 @@ def run_train(
         }
         model_dir = out_dir / MODEL_DIR
         if distributed.is_main():  # result.model is consolidated (every expert) on every rank
-            model_dir = save_model(result.model, data.tokenizer, model_dir, training=_json_safe(training))
+            model_dir = save_model(result.model, data.tokenizer, model_dir, training=json_safe(training))
         distributed.barrier()
         return {"model_dir": str(model_dir), "final": final, "wall_seconds": time.perf_counter() - started}
     finally:
         torch.set_num_threads(previous_threads)
-
-
-def _json_safe(value: Any) -> Any:
-    """JSON-ready: non-finite floats become null (JSON has no NaN), tuples lists."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

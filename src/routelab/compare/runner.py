@@ -1,11 +1,14 @@
 """Run a comparison: the same model, data, seed, batch order and token budget for every router variant.
 
 Setup (data, tokenizer, validation of every variant) happens before anything trains; then each variant trains in
-its own folder (`variants/<name>/`: metrics.jsonl, checkpoint, result.json), and the report is written from the
+its own folder (`variants/<name>/`: metrics.jsonl, checkpoint, result.json, and the final model folder `model/`
+that `routelab.load_model` reads), and the report is written from the
 collected results. With `resume`, finished variants are read back and unfinished ones continue from their
-checkpoints. Every result.json records the hash of its variant's full effective configuration (`variant_hash`);
-`resume` reuses a result only when the hash matches and the variant did not fail, and retrains it otherwise. A run
-without `resume` first removes the variant folders a previous comparison left in `variants/`.
+checkpoints. Every result.json records the hash of its variant's full effective configuration and of the data's
+contents (`variant_hash`); `resume` reuses a result only when the hash matches and the variant did not fail, and
+retrains it otherwise. The output folder follows routelab._runs: a marker file names the run, only files the run can
+prove it wrote are deleted (a run without `resume` deletes the earlier run's outputs first), no symbolic link below
+--out is followed, and a non-empty folder that is not a routelab run is refused unless `overwrite`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import hashlib
 import json
 import math
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -28,8 +30,10 @@ from routelab.compare.config import ConfigError, model_config
 from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
 from routelab.data.dataset import TokenData, tokenize_domains
 from routelab._atomic import atomic_write_text
+from routelab._runs import RunLayout, check_out, claim_out
 from routelab.train.checkpoint import CHECKPOINT_JSON
 from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
+from routelab.models.io import save_model
 from routelab.models.transformer import MoETransformerLM
 
 RESULTS_FORMAT = 1
@@ -62,31 +66,37 @@ def run_compare(
     notes: list[str] | None = None,
     cache: Path | None = None,
     threads: int | None = None,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train every variant of the validated `cfg` and write the report folder; returns the results dict.
 
     `threads`: torch intra-op threads while it runs (restored afterwards); None keeps the current setting.
+    `out_dir` follows routelab._runs' rules: a non-empty folder that is not a routelab run is refused unless
+    `overwrite`; without `resume`, an earlier comparison's outputs in it are deleted first.
     """
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_compare(cfg, out_dir=out_dir, resume=resume, quiet=quiet, notes=notes, cache=cache, log=log)
+        return _run_compare(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite, quiet=quiet, notes=notes,
+                            cache=cache, log=log)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run_compare(
-    cfg: dict[str, Any], *, out_dir: str | Path, resume: bool, quiet: bool, notes: list[str] | None,
+    cfg: dict[str, Any], *, out_dir: str | Path, resume: bool, overwrite: bool, quiet: bool, notes: list[str] | None,
     cache: Path | None, log: Callable[[str], None],
 ) -> dict[str, Any]:
-    from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
     from routelab.train import distributed
 
     main = distributed.is_main()  # under torchrun every rank trains every variant; rank 0 alone writes
     out = Path(out_dir)
-    check_out_dir(out)  # before the (slow) data loading
+    layout = compare_layout(cfg)
+    check_out(out, layout, overwrite=overwrite)  # before the (slow) data loading
+    if resume:
+        check_resumable(out, cfg)
     started = time.perf_counter()
     if not main:
         distributed.barrier()  # rank 0 builds (and caches) the tokenizer first
@@ -101,16 +111,9 @@ def _run_compare(
         sizes = ", ".join(f"{d.name} ({d.train.numel():,} train / {d.val.numel():,} val tokens)" for d in data.domains)
         log(f"data: {sizes}; "
             f"tokenizer {how} ({data.vocab_size} tokens, {setup_seconds:.1f} s)")
-    if resume and (out / "config.yaml").is_file():
-        previous = yaml.safe_load((out / "config.yaml").read_text())
-        if previous != yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)):
-            raise ConfigError(f"--resume: {out} holds a comparison with a different configuration "
-                              f"(see {out / 'config.yaml'}); use another --out or the same options")
-    distributed.barrier()  # every rank has read the previous config before rank 0 replaces it
+    distributed.barrier()  # every rank has checked --out before rank 0 claims it
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            remove_stale_variants(out / "variants")
+        claim_out(out, layout, resume=resume, overwrite=overwrite)  # without resume: the earlier run's outputs go
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     distributed.barrier()
 
@@ -125,7 +128,7 @@ def _run_compare(
     for i, variant in enumerate(cfg["variants"]):
         vdir = out / "variants" / variant["name"]
         done_path = vdir / "result.json"
-        vhash = variant_hash(cfg, variant)
+        vhash = variant_hash(cfg, variant, data.content_key)
         result = _reusable_result(done_path, vhash, log=log) if resume else None
         if result is None:
             result = run_variant(cfg, variant, data, train_cfg, out_dir=vdir, resume=resume, quiet=quiet,
@@ -160,52 +163,61 @@ def _run_compare(
     summary["wall_seconds"] = time.perf_counter() - started
     if main:
         atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+        from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
+
         write_report(summary, out)
     distributed.barrier()
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
 
 
-def check_out_dir(out: Path) -> None:
-    """Raise a ConfigError when the report folder `out` cannot be created: it, or a parent, is not a folder."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                what = "--out" if path == out else f"--out's parent {path}"
-                raise ConfigError(f"{what} must be a folder (existing or new), but {path} is a file")
-            return
+# What a comparison writes (routelab._runs deletes only these, and only in folders whose marker names a run).
+REPORT_FILES = ("config.yaml", "results.json", "report.md", "val_loss.png", "expert_load.png",
+                "experts_per_token.png", "domain_load.png")
+VARIANT_FILES = ("result.json", "metrics.jsonl", CHECKPOINT_JSON, "checkpoint-*.safetensors")
 
 
-def variant_hash(cfg: dict[str, Any], variant: dict[str, Any]) -> str:
-    """A digest of everything that determines one variant's result: data, model, train, reference_k, variant."""
-    effective = {"data": cfg.get("data"), "model": cfg.get("model"), "train": cfg.get("train"),
+def compare_layout(cfg: dict[str, Any]) -> RunLayout:
+    """The folders and files of a comparison's --out folder."""
+    folders = {"": REPORT_FILES, "variants": ()}
+    folders.update({f"variants/{v['name']}": VARIANT_FILES for v in cfg["variants"]})
+    return RunLayout("compare", folders)
+
+
+def check_resumable(out: Path, cfg: dict[str, Any]) -> None:
+    """For --resume: raise a ConfigError unless `out` holds no configuration yet or the same one as `cfg`."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        previous = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"--resume: cannot read {path} ({reason}); fix or delete it, or run without --resume") \
+            from None
+    if previous != yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)):
+        raise ConfigError(f"--resume: {out} holds a comparison with a different configuration "
+                          f"(see {path}); use another --out or the same options")
+
+
+def variant_hash(cfg: dict[str, Any], variant: dict[str, Any], data_key: str) -> str:
+    """A digest of everything that determines one variant's result: the data's contents (`TokenData.content_key`:
+    texts and tokenizer, not the file names), data options, model, train, reference_k, variant."""
+    effective = {"data": cfg.get("data"), "data_key": data_key, "model": cfg.get("model"), "train": cfg.get("train"),
                  "reference_k": cfg.get("reference_k", 2), "variant": variant}
     return hashlib.sha256(json.dumps(effective, sort_keys=True, default=repr).encode()).hexdigest()
-
-
-# The files a variant folder holds; a folder under variants/ with any of them was written by a comparison.
-VARIANT_FILES = ("result.json", "metrics.jsonl", CHECKPOINT_JSON)
-
-
-def remove_stale_variants(variants_dir: Path) -> None:
-    """Remove the variant folders of an earlier comparison (folders holding a result, metrics or checkpoint), so a
-    later `--resume` cannot pick up results of a different run. Anything else under `variants_dir` is left alone."""
-    if not variants_dir.is_dir():
-        return
-    for folder in variants_dir.iterdir():
-        if folder.is_dir() and not folder.is_symlink() and any((folder / f).exists() for f in VARIANT_FILES):
-            shutil.rmtree(folder)
 
 
 def _reusable_result(path: Path, vhash: str, *, log: Callable[[str], None]) -> dict[str, Any] | None:
     """The finished result at `path` when it belongs to this configuration and did not fail; else None."""
     if not path.is_file():
         return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        result = None
     name = path.parent.name
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log(f"note: {name}: {path} cannot be read ({type(exc).__name__}); retraining it")
+        return None
     if not isinstance(result, dict) or result.get("variant_hash") != vhash:
         log(f"note: {name}: the stored result was computed with a different configuration; retraining it")
         return None
@@ -232,6 +244,10 @@ def run_variant(
         return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     model, final = run.model, run.final
+    save_model(model, data.tokenizer, out_dir / "model", training=json_safe({
+        "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
+        "final": {"val_loss": final["val_loss"], "val_loss_by_domain": final["val_loss_by_domain"]},
+    }))
     model.eval()
     causal_eval = model.causal
     model.train()
@@ -289,6 +305,17 @@ def warm_up(cfg: dict[str, Any], data: TokenData, train_cfg: TrainConfig, steps:
         pass
     finally:
         torch.set_rng_state(rng)
+
+
+def json_safe(value: Any) -> Any:
+    """JSON-ready: non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _mean(values: list[float]) -> float:

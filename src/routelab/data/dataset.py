@@ -40,6 +40,9 @@ class TokenData:
     vocab_size: int
     tokenizer_key: str
     tokenizer_cached: bool
+    # A digest of what the tokens are made of: every domain's name and text (both parts) and the tokenizer itself.
+    # Results are reused (resume) only under the same content_key, whatever the data files are called.
+    content_key: str = ""
 
     @property
     def names(self) -> list[str]:
@@ -101,10 +104,16 @@ def tokenize_domains(
     parts = [split_text(d.text, val_fraction) for d in domains]
     tok, key, cached = load_or_train_tokenizer([train for train, _ in parts], vocab_size=vocab_size, cache=cache)
     out = []
+    content = hashlib.sha256(b"routelab-data-v1")
+    content.update(hashlib.sha256(tok.to_str().encode("utf-8")).digest())
     for d, (train, val) in zip(domains, parts):
         train_ids, val_ids = _encode_cached(tok, key, train, cache), _encode_cached(tok, key, val, cache)
         out.append(DomainTokens(d.name, d.source, train_ids, val_ids))
-    return TokenData(out, tok, tok.get_vocab_size(), key, cached)
+        for piece in (d.name, train, val):
+            data = piece.encode("utf-8")
+            content.update(len(data).to_bytes(8, "little"))
+            content.update(data)
+    return TokenData(out, tok, tok.get_vocab_size(), key, cached, content.hexdigest())
 
 
 def _encode_cached(tok, key: str, text: str, cache: Path | None) -> Tensor:

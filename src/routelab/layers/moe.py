@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from routelab._checks import check_int
+from routelab._checks import check_bool, check_int
 from routelab.dispatch.base import Dispatcher
 from routelab.dispatch.local import LocalDispatcher
 from routelab.experts.base import ExpertBank
@@ -35,6 +35,8 @@ class MoELayer(nn.Module):
                      all-to-all one (`routelab.distributed.expert_parallel`).
     erc_loss_coef:   c ≥ 0; in training mode, adds c·ERC loss (routing/erc.py) to the aux losses as "erc".
     erc_alpha:       the ERC loss's α (default 1.0).
+    check_finite:    raise a FloatingPointError when the input holds NaN or inf, before routing on it (off by default:
+                     it costs a pass over the input and a host sync; turn it on to find where NaNs start).
 
     After a forward, `last_decision` holds the routing decision (tensors detached, aux losses with their graph).
     """
@@ -52,6 +54,7 @@ class MoELayer(nn.Module):
         erc_loss_coef: float = 0.0,
         erc_alpha: float = 1.0,
         dispatcher: Dispatcher | None = None,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(router, Router):
@@ -74,6 +77,8 @@ class MoELayer(nn.Module):
             raise TypeError(f"dispatcher must be a routelab Dispatcher, got {type(dispatcher).__name__}")
         experts = experts if experts is not None else SwiGLUExperts(router.num_experts, d_model, d_ff)
         check_erc_options(router, experts, erc_loss_coef, erc_alpha)
+        check_bool("check_finite", check_finite)
+        self.check_finite = check_finite
         self.erc_loss_coef, self.erc_alpha = float(erc_loss_coef), float(erc_alpha)
         self.d_model, self.d_ff = d_model, d_ff
         self.router = router
@@ -99,6 +104,10 @@ class MoELayer(nn.Module):
             raise TypeError(f"MoELayer input must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"MoELayer input must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise FloatingPointError(f"MoELayer input holds {bad} non-finite value(s) (NaN/inf) in a tensor of shape "
+                                     f"{tuple(x.shape)} (check_finite=True)")
         ctx = (ctx or RoutingContext()).replace(batch_shape=tuple(x.shape[:-1]))
         x_TD = x.reshape(-1, self.d_model)
 
@@ -107,13 +116,20 @@ class MoELayer(nn.Module):
             erc = self.erc_loss_coef * layer_erc_loss(self.router, self.experts, self.erc_alpha)
             decision = dataclasses.replace(decision, aux_losses={**decision.aux_losses, "erc": erc})
         self.last_decision = decision.detached()
-        if self.dispatcher.can_fuse(self.experts):  # fast path: gather → experts → weighted combine in one kernel
-            y_TD = self.dispatcher.fused(x_TD, decision, self.experts)
-        else:
-            rows_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)  # rows sorted by expert
-            y_TD = self.dispatcher.combine(self.experts(rows_SD, counts_E), plan)  # combine weights applied here
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD, torch.tensor([x_TD.shape[0]]))
+        try:
+            if self.dispatcher.can_fuse(self.experts):  # fast path: gather → experts → weighted combine in one kernel
+                y_TD = self.dispatcher.fused(x_TD, decision, self.experts)
+            else:
+                rows_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)  # rows sorted by expert
+                y_TD = self.dispatcher.combine(self.experts(rows_SD, counts_E), plan)  # combine weights applied here
+            if self.shared_experts is not None:
+                y_TD = y_TD + self.shared_experts(x_TD, torch.tensor([x_TD.shape[0]]))
+        except RuntimeError as exc:  # checked only on failure: autocast legitimately mixes dtypes, and it is free
+            weight = next(self.experts.parameters(), None)
+            if weight is not None and weight.dtype != x.dtype:
+                raise TypeError(f"MoELayer input has dtype {x.dtype} but the layer's weights are {weight.dtype}; "
+                                f"convert one (x.to({weight.dtype}) or layer.to({x.dtype}))") from exc
+            raise
         return y_TD.reshape(x.shape), decision
 
     def extra_repr(self) -> str:

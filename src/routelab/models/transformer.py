@@ -18,7 +18,6 @@ router that reads earlier tokens finds them there). Only causal routers decode; 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from routelab._checks import short_repr
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.layers.moe import MoELayer, total_aux_loss
 from routelab.models.kv_cache import DecodeCache
@@ -111,7 +111,7 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"model.{name} must be a positive integer, got {short_repr(value)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"model.d_model={self.d_model} must be a multiple of n_heads={self.n_heads} with an even head width"
@@ -119,17 +119,17 @@ class ModelConfig:
         if self.moe_every > self.n_layers:
             raise ValueError(f"model.moe_every={self.moe_every} exceeds n_layers={self.n_layers}: no MoE layer")
         if not isinstance(self.shared_experts, int) or isinstance(self.shared_experts, bool) or self.shared_experts < 0:
-            raise ValueError(f"model.shared_experts must be an integer >= 0, got {self.shared_experts!r}")
+            raise ValueError(f"model.shared_experts must be an integer >= 0, got {short_repr(self.shared_experts)}")
         if self.dense_d_ff is not None and (
             not isinstance(self.dense_d_ff, int) or isinstance(self.dense_d_ff, bool) or self.dense_d_ff < 1
         ):
-            raise ValueError(f"model.dense_d_ff must be a positive integer or null (= d_ff), got {self.dense_d_ff!r}")
+            raise ValueError(f"model.dense_d_ff must be a positive integer or null (= d_ff), got {short_repr(self.dense_d_ff)}")
         rope = self.rope_base
         if not isinstance(rope, (int, float)) or isinstance(rope, bool) or not math.isfinite(rope) or rope <= 0:
-            raise ValueError(f"model.rope_base must be a finite number > 0, got {rope!r}")
+            raise ValueError(f"model.rope_base must be a finite number > 0, got {short_repr(rope)}")
         router_class(self.router)  # unknown name → ValueError listing the valid ones
         if not isinstance(self.router_options, dict):
-            raise ValueError(f"router options must be a mapping, got {self.router_options!r}")
+            raise ValueError(f"router options must be a mapping, got {short_repr(self.router_options)}")
 
 
 class RMSNorm(nn.Module):
@@ -162,17 +162,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None = None) -> Tensor:
-        """Causal self-attention over x; with `kv` (decoding), over the cached slots and x, at x's positions."""
+    def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None = None, layer: int = 0) -> Tensor:
+        """Causal self-attention over x; with `kv` (decoding), over the cached slots of block `layer` and x."""
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
         if kv is None:
             q, k = apply_rope(q, cos[:L], sin[:L]), apply_rope(k, cos[:L], sin[:L])
             y_BHLK = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            cos_B1LK, sin_B1LK = cos[kv.positions_BL][:, None], sin[kv.positions_BL][:, None]
-            q, k = apply_rope(q, cos_B1LK, sin_B1LK), apply_rope(k, cos_B1LK, sin_B1LK)
-            k, v = kv.cache.store(kv.layer, k, v)
+            q, k = apply_rope(q, kv.cos_B1LK, kv.sin_B1LK), apply_rope(k, kv.cos_B1LK, kv.sin_B1LK)
+            k, v = kv.cache.store(layer, k, v)
             causal = kv.mask_B1LS is None and L > 1
             y_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask_B1LS, is_causal=causal)
         return self.proj(y_BHLK.transpose(1, 2).reshape(B, L, D))
@@ -180,11 +179,12 @@ class Attention(nn.Module):
 
 @dataclass(frozen=True)
 class _KVStep:
-    """What one block's attention needs from the decode cache in one forward."""
+    """What every block's attention needs from the decode cache in one forward: the new tokens' rotary tables (at
+    each row's own positions) and the attention mask over the filled slots (None: plain causal)."""
 
     cache: DecodeCache
-    layer: int
-    positions_BL: Tensor
+    cos_B1LK: Tensor
+    sin_B1LK: Tensor
     mask_B1LS: Tensor | None
 
 
@@ -300,12 +300,11 @@ class MoETransformerLM(nn.Module):
                 )
             real_BL = torch.ones_like(ids, dtype=torch.bool) if padding_mask is None else ~padding_mask.bool()
             positions_BL, mask_B1LS = cache.begin(real_BL)
-            kv = _KVStep(cache, 0, positions_BL, mask_B1LS)
+            kv = _KVStep(cache, self.rope_cos[positions_BL][:, None], self.rope_sin[positions_BL][:, None], mask_B1LS)
         x_BLD = self.embed(ids)
         state, moe_index = None, 0
         for i, block in enumerate(self.blocks):
-            step_kv = None if kv is None else dataclasses.replace(kv, layer=i)
-            x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), self.rope_cos, self.rope_sin, step_kv)
+            x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), self.rope_cos, self.rope_sin, kv, i)
             h_BLD = block.ffn_norm(x_BLD)
             if isinstance(block.ffn, MoELayer):
                 ctx = RoutingContext(

@@ -10,6 +10,7 @@ assignments are simply absent).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -91,9 +92,11 @@ class RoutingDecision:
 
     token_index:   LongTensor [S], row of the flattened input x.reshape(-1, D).
     expert_index:  LongTensor [S], expert id in 0..num_experts-1 (null experts and dropped assignments are absent).
-    weight:        Tensor [S], combine weight, differentiable with respect to the router's parameters.
-    num_tokens:    T.
-    num_experts:   E (routed experts that compute; null experts are not counted).
+    weight:        Tensor [S], combine weight ≥ 0, differentiable with respect to the router's parameters.
+                   A NaN/inf weight raises FloatingPointError (a non-finite input reached the router), a negative
+                   one ValueError.
+    num_tokens:    T (an int).
+    num_experts:   E (an int; routed experts that compute; null experts are not counted).
     aux_losses:    scalar losses, already multiplied by their coefficients (keys "aux", "z", "dyn", "erc", ...).
     router_logits: Tensor [T, E'] of raw scores (E' ≥ E when a router also scores null experts), or None.
     num_dropped:   assignments the router selected and then dropped for capacity.
@@ -126,13 +129,16 @@ class RoutingDecision:
                 "RoutingDecision.token_index, expert_index and weight must have equal lengths, got "
                 f"{S}, {self.expert_index.numel()}, {self.weight.numel()}"
             )
+        for name in ("num_tokens", "num_experts"):
+            value = getattr(self, name)
+            if type(value) is not int:  # noqa: E721 — not bool, float or a 0-d tensor: sizes are plain ints
+                raise ValueError(f"RoutingDecision.{name} must be an int, got {_describe(value)}")
         if self.num_tokens < 0 or self.num_experts < 1:
             raise ValueError(
                 f"RoutingDecision needs num_tokens >= 0 and num_experts >= 1, got {self.num_tokens}, {self.num_experts}"
             )
         if S:
-            _check_range("token_index", self.token_index, self.num_tokens)
-            _check_range("expert_index", self.expert_index, self.num_experts)
+            _check_assignments(self.token_index, self.num_tokens, self.expert_index, self.num_experts, self.weight)
         if self.router_logits is not None and (
             self.router_logits.dim() != 2 or self.router_logits.shape[0] != self.num_tokens
         ):
@@ -164,15 +170,17 @@ class RoutingDecision:
     def detached(self) -> RoutingDecision:
         """A copy for statistics: tensors detached, except the aux losses, which keep their graph so that
         `total_aux_loss` can be backpropagated after the forward."""
-        logits = None if self.router_logits is None else self.router_logits.detach()
-        return dataclasses.replace(
-            self,
-            token_index=self.token_index.detach(),
-            expert_index=self.expert_index.detach(),
-            weight=self.weight.detach(),
-            router_logits=logits,
-            state=None,
-        )
+        copy = object.__new__(RoutingDecision)  # not dataclasses.replace: this decision was validated already, and
+        changes = {  # re-validating costs device-to-host syncs on every forward (measured in benchmarks/decode.py)
+            "token_index": self.token_index.detach(),
+            "expert_index": self.expert_index.detach(),
+            "weight": self.weight.detach(),
+            "router_logits": None if self.router_logits is None else self.router_logits.detach(),
+            "state": None,
+        }
+        for f in dataclasses.fields(self):
+            object.__setattr__(copy, f.name, changes.get(f.name, getattr(self, f.name)))
+        return copy
 
 
 class Router(nn.Module):
@@ -262,10 +270,23 @@ def router_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_range(name: str, index: Tensor, upper: int) -> None:
-    lo, hi = int(index.min()), int(index.max())
-    if lo < 0 or hi >= upper:
-        raise ValueError(f"RoutingDecision.{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
+def _check_assignments(token_S: Tensor, num_tokens: int, expert_S: Tensor, num_experts: int, weight_S: Tensor) -> None:
+    """Indices in range and weights finite and >= 0, with one host sync: this runs on every forward."""
+    # float64 holds every index below 2^53 exactly, and min/max propagate NaN, so six numbers say it all.
+    w_lo, w_hi = torch.aminmax(weight_S.detach())
+    parts = (token_S.min(), token_S.max(), expert_S.min(), expert_S.max(), w_lo, w_hi)
+    t_lo, t_hi, e_lo, e_hi, w_lo, w_hi = torch.stack([p.to(torch.float64) for p in parts]).tolist()
+    for name, lo, hi, upper in (("token_index", t_lo, t_hi, num_tokens), ("expert_index", e_lo, e_hi, num_experts)):
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"RoutingDecision.{name} must lie in [0, {upper}), got values in [{int(lo)}, {int(hi)}]")
+    if not (w_lo >= 0 and w_hi < math.inf):  # NaN fails both comparisons
+        if w_lo < 0:
+            raise ValueError(f"RoutingDecision.weight must be >= 0, got negative weights (values in [{w_lo}, {w_hi}])")
+        bad = "NaN" if math.isnan(w_lo) or math.isnan(w_hi) else "infinite"
+        raise FloatingPointError(
+            f"RoutingDecision.weight must be finite, got {bad} weights (values in [{w_lo}, {w_hi}]); "
+            "non-finite weights usually come from NaN/inf in the layer input (MoELayer(check_finite=True) names it)"
+        )
 
 
 def _describe(value: object) -> str:

@@ -9,7 +9,8 @@ its tokens and leaves experts without tokens where they were.
 
 Algorithm (fp32; centroids μ [E, D] an fp32 buffer):
     S_t = TopK_e cos(x_t, μ_e)  (ties: lower index);  weight = 1/k ("uniform") or softmax(cos/τ) over S_t
-    training forwards accumulate, per expert, the sum and count of the normalised x routed to it;
+    training forwards accumulate, per expert, the sum and count of the normalised x routed to it (rows with NaN/inf
+    are skipped and counted: one bad token must not poison a centroid);
     update_routers:  μ_e ← β μ_e + (1 - β)·(sum_e / count_e)  for experts with count_e > 0
     init="first_batch": the first update sets the centroids to E distinct normalised tokens of the first training
     forward (evenly spaced real rows) instead; until then, the seeded random centroids route.
@@ -42,7 +43,8 @@ class KMeansRouter(Router):
     """Top-k cosine to running-mean centroids (buffers), updated once per optimizer step.
 
     Buffers: centroids [E, D] (fp32), initialized (bool), idle_updates [E] (updates since the expert last had a
-    token); the pending sums, counts and sample rows are not saved.
+    token); the pending sums, counts and sample rows are not saved, nor `skipped_nonfinite` (token rows with NaN/inf
+    left out of the statistics so far).
     """
 
     causal = True
@@ -82,6 +84,7 @@ class KMeansRouter(Router):
         self.register_buffer("_pending_count", torch.zeros(E, dtype=torch.float64), persistent=False)
         self.register_buffer("_sample", torch.zeros(E, d_model, dtype=torch.float32), persistent=False)
         self.register_buffer("_sample_count", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("skipped_nonfinite", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
         T, E, k = x_TD.shape[0], self.num_experts, self.k
@@ -110,6 +113,12 @@ class KMeansRouter(Router):
 
     @torch.no_grad()
     def _accumulate(self, unit_ND: Tensor, expert_NK: Tensor) -> None:
+        # A non-finite row (NaN/inf input) would make its centroids NaN for good, and every later token would follow
+        # them: such rows are left out of the statistics and counted in `skipped_nonfinite`.
+        finite_N = torch.isfinite(unit_ND).all(dim=1)
+        if not bool(finite_N.all()):
+            self.skipped_nonfinite += int((~finite_N).sum())
+            unit_ND, expert_NK = unit_ND[finite_N], expert_NK[finite_N]
         N = expert_NK.shape[0]
         # A k-hot [N, E] matrix turns the per-expert sums into one matmul instead of k copies of every row.
         assign_NE = unit_ND.new_zeros(N, self.num_experts).scatter_(1, expert_NK, 1.0)

@@ -80,6 +80,13 @@ class SimilarityRouter(Router):
         allowed_BLS = allowed_BLS | self_LS
         return (sim_BLS / self.tau).masked_fill(~allowed_BLS, float("-inf")).softmax(-1)
 
+    @staticmethod
+    def mix(mix_BLL: Tensor, probs_BLE: Tensor) -> Tensor:
+        """ŝ [B, L, E] = A p. A token outside t's row (a later one when causal, padding) has weight 0 there, but
+        0·NaN is NaN: non-finite distributions are zeroed first, so such a token cannot reach t even as NaN (its
+        own row is NaN through its similarities, as it should be)."""
+        return mix_BLL @ torch.where(torch.isfinite(probs_BLE), probs_BLE, 0.0)
+
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
         T, E, k = x_TD.shape[0], self.num_experts, self.k
         dtype = router_dtype(x_TD)
@@ -93,7 +100,7 @@ class SimilarityRouter(Router):
         if ctx is not None and ctx.cache is not None and self.causal:  # decoding: earlier tokens come from the cache
             keys_BSD, real_BS, probs_BSE = ctx.cache.extend(x=x_BLD, real=real_BS, probs=probs_BSE)
         mix_BLS = self.mixing(x_BLD, real_BS, keys_BSD)
-        mixed_TE = (mix_BLS @ probs_BSE).reshape(T, E)
+        mixed_TE = self.mix(mix_BLS, probs_BSE).reshape(T, E)
 
         token_S, expert_S, weight_S = top_k_choices(mixed_TE, k, real_T, renormalize=k > 1)
         aux_losses = switch_aux_losses(self.aux_loss_coef, mixed_TE, expert_S, real_T, self)

@@ -162,6 +162,9 @@ class TopKRouter(Router):
             self.register_buffer("bip_dual", torch.zeros(E, dtype=torch.float32))
             self.register_buffer("_pending_dual", torch.zeros(E, dtype=torch.float64), persistent=False)
             self.register_buffer("_pending_count", torch.zeros((), dtype=torch.float64), persistent=False)
+        if balance in ("loss_free", "bip"):
+            # token rows with NaN/inf scores left out of the balancing statistics so far (not saved)
+            self.register_buffer("skipped_nonfinite", torch.zeros((), dtype=torch.long), persistent=False)
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -208,11 +211,8 @@ class TopKRouter(Router):
             real_logits_TE = logits_TE if real_T is None else logits_TE[real_T]
             aux_losses["z"] = self.z_loss_coef * router_z_loss(real_logits_TE)
 
-        if accumulate and self.balance == "loss_free":
-            self._pending_load += load_E.to(self._pending_load.dtype)
-        if accumulate and self.balance == "bip" and real_scores_TE.shape[0] > 0:
-            self._pending_dual += self._solve_duals(real_scores_TE.detach()).to(self._pending_dual.dtype)
-            self._pending_count += 1
+        if accumulate and self.balance in ("loss_free", "bip"):
+            self._accumulate(logits_TE.detach(), real_T, real_scores_TE.detach(), token_S, expert_S, load_E)
 
         num_dropped = 0
         if self.capacity_factor is not None and token_S.numel():
@@ -258,6 +258,25 @@ class TopKRouter(Router):
         return top_indices(choice_TE, self.k)
 
     # -- balancing state ----------------------------------------------------------------------------------------
+
+    def _accumulate(self, logits_TE: Tensor, real_T: Tensor | None, real_scores_TE: Tensor, token_S: Tensor,
+                    expert_S: Tensor, load_E: Tensor) -> None:
+        """Add this forward's load counts (loss-free) or duals (BIP) to the pending statistics. Tokens whose logits
+        are not finite (NaN/inf input) are left out and counted in `skipped_nonfinite`: a NaN dual or a count from a
+        NaN score would steer every later token."""
+        finite_T = torch.isfinite(logits_TE).all(dim=-1)
+        if real_T is not None:
+            finite_T = finite_T | ~real_T  # padding is already left out
+        if not bool(finite_T.all()):
+            self.skipped_nonfinite += int((~finite_T).sum())
+            load_E = torch.bincount(expert_S[finite_T[token_S]], minlength=self.num_experts)
+            real_finite = finite_T if real_T is None else finite_T[real_T]
+            real_scores_TE = real_scores_TE[real_finite]
+        if self.balance == "loss_free":
+            self._pending_load += load_E.to(self._pending_load.dtype)
+        elif real_scores_TE.shape[0] > 0:
+            self._pending_dual += self._solve_duals(real_scores_TE).to(self._pending_dual.dtype)
+            self._pending_count += 1
 
     def _solve_duals(self, scores_TE: Tensor) -> Tensor:
         """BIP capacity duals for this batch (our reconstruction of the paper's dual ascent).

@@ -1,0 +1,1 @@
+"""Request-level routing: which whole model answers a query."""
