@@ -204,7 +204,9 @@ class TopKRouter(Router):
                 probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
             # "per_slot" normalises the load by tokens, not assignments: Σ f = k, so k times the Switch loss.
             form_scale = k if self.aux_loss_form == "per_slot" else 1
-            aux_losses["aux"] = self.aux_loss_coef * form_scale * switch_balance_loss(probs_TE, load_E)
+            # Under a statistics group f counts every rank's assignments (global); P is this rank's tokens'.
+            global_load_E = self.sum_over_group(load_E)
+            aux_losses["aux"] = self.aux_loss_coef * form_scale * switch_balance_loss(probs_TE, global_load_E)
         if self.z_loss_coef > 0:
             real_logits_TE = logits_TE if real_T is None else logits_TE[real_T]
             aux_losses["z"] = self.z_loss_coef * router_z_loss(real_logits_TE)
@@ -304,14 +306,16 @@ class TopKRouter(Router):
     @torch.no_grad()
     def apply_updates(self) -> None:
         if self.balance == "loss_free":
-            load_E = self._pending_load
+            load_E = self.sum_over_group(self._pending_load)  # every rank takes the same step
             if load_E.sum() > 0:
                 step_E = torch.sign(load_E.mean() - load_E) * self.bias_update_rate
                 self.expert_bias += step_E.to(self.expert_bias.dtype)
-            load_E.zero_()
+            self._pending_load.zero_()
         elif self.balance == "bip":
-            if self._pending_count > 0:
-                self.bip_dual.copy_((self._pending_dual / self._pending_count).to(self.bip_dual.dtype))
+            # Under a statistics group: the mean of every rank's per-batch duals (each rank solves its own batch).
+            dual_E, count = self.sum_over_group(self._pending_dual), self.sum_over_group(self._pending_count)
+            if count > 0:
+                self.bip_dual.copy_((dual_E / count).to(self.bip_dual.dtype))
             self._pending_dual.zero_()
             self._pending_count.zero_()
 
