@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import routelab
-from routelab.adapters import add_lora_experts, adapter_aux_loss, load_adapters, routed_lora_layers, save_adapters
+from routelab.adapters import adapter_aux_loss, add_lora_experts, load_adapters, routed_lora_layers, save_adapters
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff=48, num_experts=4, moe_every=2)

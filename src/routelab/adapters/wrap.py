@@ -118,11 +118,11 @@ def matching_linears(model: nn.Module, target_modules: Sequence[str] | str) -> l
             pattern = re.compile(target_modules)
         except re.error as exc:
             raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
-        matches = lambda name: pattern.fullmatch(name) is not None  # noqa: E731
+        matches = lambda name: pattern.fullmatch(name) is not None
     elif isinstance(target_modules, (list, tuple, set)) and target_modules and all(
             isinstance(t, str) and t for t in target_modules):
         keys = list(target_modules)
-        matches = lambda name: any(name == t or name.endswith("." + t) for t in keys)  # noqa: E731
+        matches = lambda name: any(name == t or name.endswith("." + t) for t in keys)
     else:
         raise ValueError("target_modules must be a non-empty list of module names (suffixes) or a regex string, "
                          f"got {target_modules!r}")
