@@ -154,6 +154,9 @@ class RoutedLoRALinear(nn.Module):
         self.spec = spec  # the AdapterSpec that built the adapter (add_lora_experts sets it; save_adapters needs it)
         self.last_decision: RoutingDecision | None = None
         self.last_adapter_flops: float = 0.0
+        # The model's input ids of the current forward, set by the hook add_lora_experts puts on the model, for
+        # routers that read RoutingContext.token_ids (hash routing); used when they match this layer's tokens.
+        self.token_ids: Tensor | None = None
 
     # Code written for an nn.Linear reads these (e.g. a model checking `proj.weight.dtype`).
     @property
@@ -175,7 +178,8 @@ class RoutedLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         x_TD = x.reshape(-1, self.in_features)
-        ctx = RoutingContext(batch_shape=tuple(x.shape[:-1]))
+        ids = self.token_ids if self.token_ids is not None and self.token_ids.numel() == x_TD.shape[0] else None
+        ctx = RoutingContext(batch_shape=tuple(x.shape[:-1]), token_ids=ids)
         delta_TO, decision = self.adapter(x_TD, ctx)
         self.last_decision = None if decision is None else decision.detached()
         self.last_adapter_flops = self.adapter.adapter_flops(decision)
@@ -203,3 +207,13 @@ def adapter_aux_loss(model: nn.Module) -> Tensor:
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)
     return sum(losses[1:], losses[0])
+
+
+def capture_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on a wrapped model: hand its input ids (the first positional argument or `input_ids`, when
+    an integer tensor) to every routed-LoRA linear, so that id-based routers (hash) work inside any model."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex():
+        ids = None
+    for layer in routed_lora_layers(model).values():
+        layer.token_ids = ids

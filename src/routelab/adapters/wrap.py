@@ -12,7 +12,7 @@ from torch import nn
 from routelab._checks import check_bool, check_choice
 from routelab.adapters.flylora import FlyLoRA
 from routelab.adapters.hydra import HydraLoRA
-from routelab.adapters.linear import LoRAExperts, RoutedLoRALinear, routed_lora_layers
+from routelab.adapters.linear import LoRAExperts, RoutedLoRALinear, capture_token_ids, routed_lora_layers
 from routelab.adapters.lora import PlainLoRA
 from routelab.adapters.mhr import MHRLoRA
 from routelab.adapters.molora import MoLoRA
@@ -160,6 +160,7 @@ def wrap_layers(model: nn.Module, names: list[str], spec: AdapterSpec) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, RoutedLoRALinear(getattr(parent, child), adapter, spec))
+    model.register_forward_pre_hook(capture_token_ids, with_kwargs=True)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
