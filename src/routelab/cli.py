@@ -17,6 +17,7 @@ COMMANDS = (
     "sweep",
     "trace",
     "cache-sim",
+    "query-eval",
     "serve",
     "routers",
     "demo",
