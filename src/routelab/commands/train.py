@@ -68,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         return fail("train", f"--threads must be >= 1, got {args.threads}")
+    from routelab.train import distributed
+
+    if distributed.launched():  # torchrun: every rank validates the same way; rank 0 alone writes and prints
+        distributed.init()
+        args.quiet = args.quiet or not distributed.is_main()
     try:
         cfg = resolve_train(preset=args.preset, config_file=args.config, data_files=args.data, steps=args.steps,
                             seed=args.seed)
@@ -86,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
                             quiet=args.quiet, threads=args.threads)
     except (ConfigError, DataError, RunFolderError, ModelFolderError) as exc:
         return fail("train", exc)
+    if not distributed.is_main():
+        return 0
     print(f"model: {summary['model_dir']} (val loss {summary['final']['val_loss']:.3f}, "
           f"ppl {summary['final']['val_perplexity']:.1f}, {summary['wall_seconds']:.0f} s)")
     return 0
@@ -184,6 +191,7 @@ def run_train(
     from routelab.compare.config import model_config
     from routelab.compare.runner import json_safe, load_data
     from routelab.models.io import save_model
+    from routelab.train import distributed
     from routelab.train.loop import TrainConfig, train
 
     previous_threads = torch.get_num_threads()
@@ -192,13 +200,20 @@ def run_train(
     try:
         started = time.perf_counter()
         check_run_dir(out_dir, cfg, resume=resume, overwrite=overwrite)
+        distributed.barrier()  # every rank has checked --out before rank 0 writes to it
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 builds (and caches) the tokenizer first
         data = load_data(cfg, cache=cache)
+        if distributed.is_main():
+            distributed.barrier()
         train_cfg = TrainConfig(**cfg["train"])
         data.check_windows(train_cfg.seq_len)
         variant = cfg["variants"][0]
         mc = model_config(cfg, variant, vocab_size=data.vocab_size)
-        claim_out(out_dir, train_layout(), resume=resume, overwrite=overwrite)  # fresh: the earlier run's files go
-        atomic_write_text(out_dir / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
+        if distributed.is_main():
+            claim_out(out_dir, train_layout(), resume=resume, overwrite=overwrite)  # fresh: the earlier run's files go
+            atomic_write_text(out_dir / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
+        distributed.barrier()
         result = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc="train",
                        on_step=on_step, log=lambda message: print(message, file=sys.stderr))
         final = {k: v for k, v in result.final.items() if k not in ("load_by_domain",)}
@@ -214,8 +229,10 @@ def run_train(
             "train_seconds": result.train_seconds,
             "final": final,
         }
-        model_dir = save_model(result.model, data.tokenizer, out_dir / MODEL_DIR,
-                               training=json_safe(training))
+        model_dir = out_dir / MODEL_DIR
+        if distributed.is_main():  # result.model is consolidated (every expert) on every rank
+            model_dir = save_model(result.model, data.tokenizer, model_dir, training=json_safe(training))
+        distributed.barrier()
         return {"model_dir": str(model_dir), "final": final, "wall_seconds": time.perf_counter() - started}
     finally:
         torch.set_num_threads(previous_threads)
