@@ -9,6 +9,8 @@ import math
 import pytest
 import yaml
 
+import routelab
+
 from routelab.cli import main
 from routelab.compare import ConfigError, load_preset, resolve
 from routelab.compare.config import PRESETS
@@ -38,6 +40,8 @@ def test_smoke_preset_writes_every_variant_and_the_plots(tmp_path, capsys):
         assert 0 < v["mean_experts_per_token"] <= expected["model"]["num_experts"]
         assert v["imbalance_max_over_mean"] >= 1.0 and 0 <= v["dropped_fraction"] <= 1
         assert [r["step"] for r in v["val_curve"]][0] == 0 and v["val_curve"][-1]["step"] == 4
+        model, _ = routelab.load_model(out / "variants" / v["name"] / "model")  # every variant's final model
+        assert model.config.router == v["router"] and model.per_layer_options == v["per_layer_options"]
     report = (out / "report.md").read_text()
     for name in names:
         assert f"| {name} |" in report

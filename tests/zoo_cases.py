@@ -38,6 +38,8 @@ CASES = [
     ("kmeans", dict(k=1, weighting="softmax", init="random", reseed_after=1)),
     ("recurrent", dict(hidden=16)),
     ("recurrent", dict(hidden=16, cell="rnn", k=1)),
+    ("pregate", {}),
+    ("pregate", dict(k=1, aux_loss_coef=0.0)),
     ("similarity", {}),
     ("similarity", dict(kernel="cosine", causal=False, k=1)),
 ]

@@ -7,14 +7,28 @@ import importlib
 import sys
 
 # Subcommands in the order `routelab --help` lists them; each names a module of routelab.commands.
-COMMANDS = ("compare", "train", "eval", "generate", "routers", "demo")
+COMMANDS = (
+    "compare",
+    "train",
+    "eval",
+    "generate",
+    "finetune",
+    "analyze",
+    "sweep",
+    "trace",
+    "cache-sim",
+    "query-eval",
+    "serve",
+    "routers",
+    "demo",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="routelab", description="Dynamic routing for Mixture-of-Experts models.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"routelab.commands.{name}").register(commands)
+        importlib.import_module(f"routelab.commands.{name.replace('-', '_')}").register(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
         import json
 
         from routelab._atomic import atomic_write_text
+        from routelab.compare.runner import json_safe
 
-        atomic_write_text(json_out, json.dumps(_json_safe(report), indent=1) + "\n")
+        atomic_write_text(json_out, json.dumps(json_safe(report), indent=1) + "\n")
         print(f"wrote {json_out}", file=sys.stderr)
     return 0
 
@@ -129,13 +130,3 @@ def print_table(results: list[dict[str, Any]]) -> None:
         layers = " ".join(f"{v:.2f}" for v in r["imbalance_max_over_mean_by_layer"])
         print(f"{name:<32} {r['tokens']:>9,} {r['loss']:>7.3f} {r['perplexity']:>9.2f} "
               f"{r['experts_per_token']:>7.2f}  {layers}")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

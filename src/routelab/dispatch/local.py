@@ -5,12 +5,19 @@ Shape legend: T tokens, D model width, F expert width, E experts, S assignments.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from routelab.dispatch.base import Dispatcher
+from routelab.dispatch.gathered_swiglu import gathered_swiglu
 from routelab.dispatch.permute import DispatchPlan, combine, make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.routing.base import RoutingDecision
+
+
+# The tiny-S inference path gathers each assignment's expert weights: at most this many elements (16 MiB in fp32),
+# so it serves decoding and never a large batch or large experts.
+DECODE_MAX_GATHERED = 1 << 22
 
 
 class LocalDispatcher(Dispatcher):
@@ -19,8 +26,17 @@ class LocalDispatcher(Dispatcher):
     dispatch: sort the assignments by expert (stable) and gather their rows; combine: weighted scatter-add.
     Fast path: a bank whose `swiglu_weights()` gives its weights (plain SwiGLU experts) runs through
     `dispatch/routed_swiglu.py`, which gathers, computes and combines one expert group at a time without ever
-    holding an [S, D] tensor (benchmarks/layer.py measures it).
+    holding an [S, D] tensor (benchmarks/layer.py measures it). Inference forwards with a few assignments (decoding:
+    S = batch·k) take `dispatch/gathered_swiglu.py` instead — no sort, no per-expert loop, no host sync — while the
+    expert weights they gather stay under `DECODE_MAX_GATHERED` elements (benchmarks/decode.py measures it).
+
+    decode_fast_path: False sends those forwards through the sort-based kernel too.
     """
+
+    def __init__(self, *, decode_fast_path: bool = True) -> None:
+        if not isinstance(decode_fast_path, bool):
+            raise ValueError(f"decode_fast_path must be one of True, False; got {decode_fast_path!r}")
+        self.decode_fast_path = decode_fast_path
 
     def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchPlan]:
         plan = make_plan(decision)
@@ -34,6 +50,11 @@ class LocalDispatcher(Dispatcher):
 
     def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
         w_gate_up_ED2F, w_down_EFD = experts.swiglu_weights()
+        _, D, F2 = w_gate_up_ED2F.shape
+        gathered = decision.num_assignments * D * (F2 + F2 // 2)  # weight elements the tiny-S path would copy
+        if self.decode_fast_path and not torch.is_grad_enabled() and gathered <= DECODE_MAX_GATHERED:
+            return gathered_swiglu(x_TD, decision.token_index, decision.expert_index, decision.weight, w_gate_up_ED2F,
+                                   w_down_EFD)
         plan = make_plan(decision)
         return routed_swiglu(
             x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E.tolist(), w_gate_up_ED2F, w_down_EFD

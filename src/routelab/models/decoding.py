@@ -61,8 +61,12 @@ def generate(
     seed: int | None = None,
     eos_id: int | None = None,
     keep_logits: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Generation:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+
+    prefill_chunk: feed the prompts this many slots per forward (None: all at once). Smaller chunks bound what one
+    forward needs at once (e.g. the experts an offloaded model must hold together, `inference/offload.py`).
 
     temperature 0 is greedy (argmax, first index on ties); above 0, samples from softmax(logits / temperature),
     restricted to the `top_k` most likely tokens when given, from a generator seeded with `seed` (None: the global
@@ -79,6 +83,8 @@ def generate(
         check_int("seed", seed, 0)
     if eos_id is not None:
         check_int("eos_id", eos_id, 0, cfg.vocab_size - 1)
+    if prefill_chunk is not None:
+        check_int("prefill_chunk", prefill_chunk, 1)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     rows = []
@@ -101,12 +107,12 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return _decode(model, rows, max_new_tokens, temperature, top_k, seed, eos_id, keep_logits)
+        return _decode(model, rows, max_new_tokens, temperature, top_k, seed, eos_id, keep_logits, prefill_chunk)
     finally:
         model.train(was_training)
 
 
-def _decode(model, rows, max_new_tokens, temperature, top_k, seed, eos_id, keep_logits) -> Generation:
+def _decode(model, rows, max_new_tokens, temperature, top_k, seed, eos_id, keep_logits, prefill_chunk) -> Generation:
     device = model.embed.weight.device
     B, P = len(rows), max(len(r) for r in rows)
     ids_BP = torch.zeros(B, P, dtype=torch.long)
@@ -120,7 +126,11 @@ def _decode(model, rows, max_new_tokens, temperature, top_k, seed, eos_id, keep_
         generator = torch.Generator(device=device).manual_seed(seed)
 
     cache = model.new_cache(B, P + max_new_tokens - 1)  # the last token is chosen, never fed
-    logits_BLV, _ = model(ids_BP, cache=cache, padding_mask=pad_BP if bool(pad_BP.any()) else None)
+    chunk = P if prefill_chunk is None else prefill_chunk
+    padded = bool(pad_BP.any())
+    for s0 in range(0, P, chunk):
+        pad = pad_BP[:, s0 : s0 + chunk] if padded else None
+        logits_BLV, _ = model(ids_BP[:, s0 : s0 + chunk], cache=cache, padding_mask=pad)
     next_BV = logits_BLV[:, -1].float()
     chosen, kept = [], []
     done_B = torch.zeros(B, dtype=torch.bool, device=device)

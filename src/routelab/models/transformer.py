@@ -18,7 +18,6 @@ router that reads earlier tokens finds them there). Only causal routers decode; 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -163,17 +162,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None = None) -> Tensor:
-        """Causal self-attention over x; with `kv` (decoding), over the cached slots and x, at x's positions."""
+    def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None = None, layer: int = 0) -> Tensor:
+        """Causal self-attention over x; with `kv` (decoding), over the cached slots of block `layer` and x."""
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
         if kv is None:
             q, k = apply_rope(q, cos[:L], sin[:L]), apply_rope(k, cos[:L], sin[:L])
             y_BHLK = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            cos_B1LK, sin_B1LK = cos[kv.positions_BL][:, None], sin[kv.positions_BL][:, None]
-            q, k = apply_rope(q, cos_B1LK, sin_B1LK), apply_rope(k, cos_B1LK, sin_B1LK)
-            k, v = kv.cache.store(kv.layer, k, v)
+            q, k = apply_rope(q, kv.cos_B1LK, kv.sin_B1LK), apply_rope(k, kv.cos_B1LK, kv.sin_B1LK)
+            k, v = kv.cache.store(layer, k, v)
             causal = kv.mask_B1LS is None and L > 1
             y_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask_B1LS, is_causal=causal)
         return self.proj(y_BHLK.transpose(1, 2).reshape(B, L, D))
@@ -181,11 +179,12 @@ class Attention(nn.Module):
 
 @dataclass(frozen=True)
 class _KVStep:
-    """What one block's attention needs from the decode cache in one forward."""
+    """What every block's attention needs from the decode cache in one forward: the new tokens' rotary tables (at
+    each row's own positions) and the attention mask over the filled slots (None: plain causal)."""
 
     cache: DecodeCache
-    layer: int
-    positions_BL: Tensor
+    cos_B1LK: Tensor
+    sin_B1LK: Tensor
     mask_B1LS: Tensor | None
 
 
@@ -301,12 +300,11 @@ class MoETransformerLM(nn.Module):
                 )
             real_BL = torch.ones_like(ids, dtype=torch.bool) if padding_mask is None else ~padding_mask.bool()
             positions_BL, mask_B1LS = cache.begin(real_BL)
-            kv = _KVStep(cache, 0, positions_BL, mask_B1LS)
+            kv = _KVStep(cache, self.rope_cos[positions_BL][:, None], self.rope_sin[positions_BL][:, None], mask_B1LS)
         x_BLD = self.embed(ids)
         state, moe_index = None, 0
         for i, block in enumerate(self.blocks):
-            step_kv = None if kv is None else dataclasses.replace(kv, layer=i)
-            x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), self.rope_cos, self.rope_sin, step_kv)
+            x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), self.rope_cos, self.rope_sin, kv, i)
             h_BLD = block.ffn_norm(x_BLD)
             if isinstance(block.ffn, MoELayer):
                 ctx = RoutingContext(

@@ -9,6 +9,7 @@ from routelab.routing import (  # noqa: F401  (importing a family registers its 
     hashing,
     kmeans,
     null_experts,
+    pregate,
     random_fixed,
     recurrent,
     similarity,
