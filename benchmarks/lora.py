@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from routelab.adapters.linear import RoutedLoRALinear, stacked_lora
+from routelab.adapters.linear import RoutedLoRALinear
 from routelab.adapters.wrap import AdapterSpec
 
 RESULTS = Path(__file__).parent / "results" / "lora.json"
@@ -56,12 +56,12 @@ def make_variants(D: int, E: int, r: int, k: int, *, with_base: bool) -> dict[st
     # forward or backward): how much of the routed linear's cost is the router's.
     stacked = variants["molora stacked"].adapter
     variants["molora stacked, routing given"] = GivenRouting(base if with_base else None, stacked, T_FOR_GIVEN)
-    # Before/after rows on the same adapter: the router computing its own logits (no fused gate), and that with the
-    # dense gate built by index_put(accumulate=True), as RoutingDecision.dense_weights did before (the whole
-    # pre-optimisation path).
-    variants["molora stacked, unfused gate"] = Unfused(base if with_base else None, stacked, old_dense=False)
+    # Before/after rows on the same adapter: the router computing its own logits (no fused gate), and the whole
+    # pre-optimisation path: that, with the dense gate built by index_put(accumulate=True) (as
+    # RoutingDecision.dense_weights did) and the rank masking as a plain autograd product (no GateRanks).
+    variants["molora stacked, unfused gate"] = Unfused(base if with_base else None, stacked, before=False)
     variants["molora stacked, before (unfused, index_put)"] = Unfused(base if with_base else None, stacked,
-                                                                       old_dense=True)
+                                                                       before=True)
     return variants
 
 
@@ -100,18 +100,20 @@ class GivenRouting(nn.Module):
 class Unfused(nn.Module):
     """The stacked mixture with the router's own forward (its gate a separate matmul)."""
 
-    def __init__(self, base: nn.Module | None, adapter: nn.Module, *, old_dense: bool) -> None:
+    def __init__(self, base: nn.Module | None, adapter: nn.Module, *, before: bool) -> None:
         super().__init__()
-        self.base, self.adapter, self.old_dense = base, adapter, old_dense
+        self.base, self.adapter, self.before = base, adapter, before
 
     def forward(self, x):
         a = self.adapter
         decision = a.router(x)
-        if self.old_dense:
+        if self.before:
             gate_TE = decision.weight.new_zeros(decision.num_tokens, decision.num_experts).index_put(
                 (decision.token_index, decision.expert_index), decision.weight, accumulate=True)
             E, R, D = a.A.shape
-            delta = stacked_lora((x @ a.A.reshape(E * R, D).T).view(-1, E, R), gate_TE * a.scale, a.B)
+            h_TER = (x @ a.A.reshape(E * R, D).T).view(-1, E, R)
+            masked_TX = (h_TER * (gate_TE * a.scale).unsqueeze(-1)).reshape(-1, E * R)  # autograd's own product
+            delta = masked_TX @ a.B.reshape(E * R, -1)
         else:
             delta = a.mix(x, decision)
         return delta if self.base is None else self.base(x) + delta

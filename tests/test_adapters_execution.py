@@ -187,3 +187,17 @@ def test_fused_gate_only_where_it_computes_the_same():
     dropped = AdapterSpec(method="molora", num_experts=E, r=R, dropout=0.2, router_options={"k": 2}).build(D, O)
     assert dropped.train().fused_gate(x.float()) is None  # the router must see the undropped input
     assert dropped.eval().fused_gate(x.float()) is not None
+
+
+@pytest.mark.parametrize("R", [1, 3])
+def test_gate_ranks_gradcheck(R):
+    from routelab.adapters.linear import GateRanks
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 3, R, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(GateRanks.apply, (h, gate))
+    expanded = torch.randn(4, 1, R, dtype=torch.float64, requires_grad=True)  # HydraLoRA's shared A: an expand
+    assert torch.autograd.gradcheck(lambda h, g: GateRanks.apply(h.expand(-1, 3, -1), g), (expanded, gate))
+    out = GateRanks.apply(h, gate.detach())
+    torch.testing.assert_close(out, (h * gate[..., None]).reshape(4, 3 * R).detach(), rtol=0, atol=0)
