@@ -14,7 +14,8 @@ Executions (equal in exact arithmetic; `tests/test_adapters_execution.py` checks
 the measured crossover at k=2, R=8 on CPU with one thread (E=8: stacked 1.23-1.45x the rank-16 LoRA linear, grouped
 1.81-1.85x; E=16: equal; E=32: grouped 1.72x vs 2.26x; E=64: 2.15x vs 3.71x). With two threads on an overloaded
 machine the grouped form's many small ops each waited for the second core and stacked won at every E.
-The stacked form is plain autograd; the grouped form is one custom autograd function (`_grouped.py`, gradchecked).
+The stacked form is autograd around `GateRanks` (the rank masking, gradchecked); the grouped form is one custom
+autograd function (`_grouped.py`, gradchecked).
 """
 
 from __future__ import annotations

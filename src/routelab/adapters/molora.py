@@ -8,6 +8,10 @@ Defining property: each token's update is Σ_{e ∈ S_t} w_te · B_e A_e x_t · 
 token router built with d_model = in_features (so top-k, top_p/DynMoLE, null experts, expert choice... work
 unchanged); with one expert, k = 1 and weight 1 it is exactly PEFT's LoRA (tests/test_adapters_peft.py).
 
+Execution: in the stacked form, a router that declares a linear gate (`Router.logit_gate()`, e.g. "topk") gets its
+logits from the down-projection's matmul, x @ [A_1..A_E | W_gate]ᵀ, through `Router.route_logits` (the same decision,
+losses and gradients as its own forward; tests/test_adapters_execution.py); other routers run their own forward.
+
 Defaults: router "topk" with its defaults (k=2, "selected" weights, Switch balance loss 1e-2); A_e Kaiming-uniform
 like an nn.Linear, B_e = 0 (PEFT's initialisation: the wrapped model starts equal to its base).
 """
