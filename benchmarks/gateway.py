@@ -12,7 +12,9 @@ after another). Modes, interleaved round-robin with the order rotated every roun
 - `pass-through`: through the gateway with `model` = the upstream's pool name (resolve, forward, log);
 - `routed`: through the gateway with `model` = router-const-0.5, a router whose predict/route cost nothing, so the
   number is the gateway's own routing path (thread hop, scores, fallback order, log) without an encoder; the routers'
-  own speed is measured in benchmarks/query.py.
+  own speed is measured in benchmarks/query.py;
+- `routed-knn` (when the query routers are installed): router-knn-0.5, a knn router (tf-idf encoder, k=10) fitted on
+  2,000 synthetic prompts: the routing path with a real router's encoding and neighbour search.
 Each round gives every mode's p50 and p99 latency; the table shows the median over rounds, and the added latency
 as the median over rounds of (mode − direct in that round), which cancels drifts in machine load. On a shared
 machine latency under 50 clients is mostly queueing for a core, so the table also gives the CPU time the gateway
@@ -79,14 +81,37 @@ class ConstRouter:
         return np.zeros(len(prompts), dtype=np.int64)
 
 
-def gateway_app(upstream_url: str, log: str):
+def gateway_app(upstream_url: str, log: str, knn_dir: str):
     from routelab.query.gateway import create_app
     from routelab.query.gateway_config import parse_pool
 
+    routers, folders = {"const": ConstRouter()}, {"const": "."}
+    if knn_dir != "-":
+        from routelab.query import load_router
+
+        routers["knn"], folders["knn"] = load_router(knn_dir), knn_dir
     pool = parse_pool({"models": {"up": {"base_url": f"{upstream_url}/v1", "timeout": 60},
                                   "up-copy": {"base_url": f"{upstream_url}/v1", "timeout": 60}},
-                       "routers": {"const": "."}, "log": log})
-    return create_app(pool, {"const": ConstRouter()})
+                       "routers": folders, "log": log})
+    return create_app(pool, routers)
+
+
+def fit_knn(folder: Path) -> bool:
+    """A knn router (tf-idf) fitted on 2,000 synthetic prompts, saved to `folder`; False without the query routers."""
+    try:
+        import numpy as np
+
+        from routelab.query import Outcomes, create_router
+    except ImportError:
+        return False
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(500)]
+    prompts = [" ".join(rng.choice(words, 12)) for _ in range(2000)]
+    scores = rng.integers(0, 2, (2000, 2)).astype(float)
+    costs = np.tile([1.0, 0.1], (2000, 1))
+    create_router("knn", k=10, encoder="tfidf").fit(
+        Outcomes(prompts=prompts, model_names=["up", "up-copy"], scores_NM=scores, costs_NM=costs)).save(folder)
+    return True
 
 
 def serve(app, port: int) -> None:
@@ -108,8 +133,11 @@ def free_port() -> int:
 def start(args: list[str], url: str) -> subprocess.Popen:
     import httpx
 
+    import routelab
+
+    here = str(Path(routelab.__file__).resolve().parents[1])  # the servers import the routelab this process imports
     proc = subprocess.Popen([sys.executable, __file__, *args], env={**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])})
+        [here, os.environ.get("PYTHONPATH", "")])})
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -149,12 +177,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def bench(args, up_url: str, gw_url: str, pids: dict[str, int]) -> dict:
+async def bench(args, up_url: str, gw_url: str, pids: dict[str, int], knn: bool) -> dict:
     import httpx
 
     modes = {"direct": (f"{up_url}/v1/chat/completions", "up"),
              "pass-through": (f"{gw_url}/v1/chat/completions", "up"),
              "routed": (f"{gw_url}/v1/chat/completions", "router-const-0.5")}
+    if knn:
+        modes["routed-knn"] = (f"{gw_url}/v1/chat/completions", "router-knn-0.5")
     limits = httpx.Limits(max_connections=args.clients * 2, max_keepalive_connections=args.clients * 2)
     per_round: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     cpu: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}  # (gateway, upstream) CPU ms per request
@@ -195,13 +225,13 @@ def main() -> None:
     parser.add_argument("--upstream-delay-ms", type=float, default=0.0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    parser.add_argument("--serve-gateway", nargs=3, metavar=("PORT", "UPSTREAM", "LOG"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-gateway", nargs=4, metavar=("PORT", "UPSTREAM", "LOG", "KNN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream is not None:
         return serve(upstream_app(args.upstream_delay_ms / 1e3), args.serve_upstream)
     if args.serve_gateway is not None:
-        port, upstream, log = args.serve_gateway
-        return serve(gateway_app(upstream, log), int(port))
+        port, upstream, log, knn = args.serve_gateway
+        return serve(gateway_app(upstream, log, knn), int(port))
     if args.quick:
         args.rounds, args.requests = 3, 4
 
@@ -211,9 +241,11 @@ def main() -> None:
         log = Path(tmp) / "routing.jsonl"
         up = start(["--serve-upstream", str(up_port), "--upstream-delay-ms", str(args.upstream_delay_ms)], up_url)
         try:
-            gw = start(["--serve-gateway", str(gw_port), up_url, str(log)], f"{gw_url}/health")
+            knn = fit_knn(Path(tmp) / "knn")
+            gw = start(["--serve-gateway", str(gw_port), up_url, str(log), str(Path(tmp) / "knn") if knn else "-"],
+                       f"{gw_url}/health")
             try:
-                table = asyncio.run(bench(args, up_url, gw_url, {"gateway": gw.pid, "upstream": up.pid}))
+                table = asyncio.run(bench(args, up_url, gw_url, {"gateway": gw.pid, "upstream": up.pid}, knn))
             finally:
                 gw.terminate()
                 gw.wait(timeout=30)
@@ -221,7 +253,7 @@ def main() -> None:
             up.terminate()
             up.wait(timeout=30)
         logged = sum(1 for _ in log.open())
-    expected = 2 * args.clients * (2 + args.rounds * args.requests)  # two gateway modes, warm-up included
+    expected = (len(table) - 1) * args.clients * (2 + args.rounds * args.requests)  # gateway modes, with warm-up
     print(f"\n{args.clients} concurrent clients, {args.rounds} rounds x {args.requests} requests per client per mode, "
           f"upstream delay {args.upstream_delay_ms:g} ms; {os.cpu_count()} CPUs (shared with other work: noisy)")
     print(f"routing log: {logged} lines for {expected} gateway requests")

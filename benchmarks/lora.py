@@ -6,9 +6,13 @@
 Every variant wraps the same frozen 512→512 nn.Linear (the base matmul is part of a LoRA linear's cost) and runs
 forward + backward with an input that requires grad (as inside a model). The variants run interleaved, round-robin
 with the order rotated each round, and each ratio is the median over rounds of (variant time / baseline time in
-that round), which cancels slow drifts in machine load. Also reported: the same ratios for the adapter alone (no
-base matmul), and a sweep over E at fixed k·r to place the "auto" crossover between the stacked and grouped forms.
-Results go to benchmarks/results/lora.json.
+that round), which cancels slow drifts in machine load; beside it, the same median ratio of process CPU time, less
+sensitive to waiting for a core on a shared machine (with several threads it also counts their spin-waits).
+Reference rows: PEFT's own LoRA linear of the same rank (how users run plain LoRA), and the stacked mixture with a
+routing decision computed once outside the timing (no router forward or backward: the router's share of the cost).
+Also reported: the same ratios for the adapter alone (no base matmul), and a sweep over E at fixed k·r to place the
+"auto" crossover between the stacked and grouped forms.
+Results go to benchmarks/results/lora.json (benchmarks/results/lora-<threads>t.json with --threads other than 2).
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def make_variants(D: int, E: int, r: int, k: int, *, with_base: bool) -> dict[st
         with torch.no_grad():
             adapter.B.normal_(std=0.02)
         variants[name] = RoutedLoRALinear(base, adapter) if with_base else AdapterOnly(adapter)
+    peft_linear = peft_lora_linear(base, r * k) if with_base else None
+    if peft_linear is not None:
+        variants[f"peft LoRA r={r * k} (reference)"] = peft_linear
     # Diagnostic: the stacked mixture alone, with a routing decision computed once outside the timing (no router
     # forward or backward): how much of the routed linear's cost is the router's.
     stacked = variants["molora stacked"].adapter
@@ -53,6 +60,22 @@ def make_variants(D: int, E: int, r: int, k: int, *, with_base: bool) -> dict[st
 
 
 T_FOR_GIVEN = 4096
+
+
+def peft_lora_linear(base: nn.Linear, rank: int) -> nn.Module | None:
+    """PEFT's own LoRA linear on the same base (a reference row: how users run plain LoRA), or None without peft."""
+    try:
+        import copy
+
+        import peft
+    except ImportError:
+        return None
+    holder = nn.Sequential(copy.deepcopy(base))
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=rank, lora_alpha=16, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(std=0.02)
+    return layer
 
 
 class GivenRouting(nn.Module):
@@ -77,12 +100,13 @@ class AdapterOnly(nn.Module):
         return self.adapter(x)[0]
 
 
-def time_once(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
+def time_once(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward + backward."""
     x = x.detach().requires_grad_(True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     y = module(x)
     y.backward(dy)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0, time.process_time() - c0
     module.zero_grad(set_to_none=True)
     return elapsed
 
@@ -95,15 +119,17 @@ def compare(variants: dict[str, nn.Module], T: int, D: int, rounds: int) -> dict
     for module in variants.values():  # warm-up
         for _ in range(2):
             time_once(module, x, dy)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for i in range(rounds):
         order = names[i % len(names):] + names[: i % len(names)]
         for n in order:
             times[n].append(time_once(variants[n], x, dy))
     out = {}
     for n in names:
-        ratios = [t / b for t, b in zip(times[n], times[baseline])]
-        out[n] = {"median_ms": 1e3 * statistics.median(times[n]), "ratio_vs_baseline": statistics.median(ratios)}
+        wall = [t[0] / b[0] for t, b in zip(times[n], times[baseline])]
+        cpu = [t[1] / b[1] for t, b in zip(times[n], times[baseline])]
+        out[n] = {"median_ms": 1e3 * statistics.median(t[0] for t in times[n]),
+                  "ratio_vs_baseline": statistics.median(wall), "cpu_ratio_vs_baseline": statistics.median(cpu)}
     return out
 
 
@@ -132,7 +158,8 @@ def main() -> None:
         results[label] = res
         print(f"\n{label}, fwd+bwd:")
         for name, row in res.items():
-            print(f"  {name:<32} {row['median_ms']:8.2f} ms   {row['ratio_vs_baseline']:.2f}x")
+            print(f"  {name:<32} {row['median_ms']:8.2f} ms   {row['ratio_vs_baseline']:.2f}x   "
+                  f"(CPU time {row['cpu_ratio_vs_baseline']:.2f}x)")
     sweep = {}
     print("\nstacked vs grouped over E at k=2, r=8 (linear, fwd+bwd; ratio to the rank-16 LoRA):")
     for e in ([8, 32] if args.quick else [4, 8, 16, 32, 64]):
@@ -141,9 +168,10 @@ def main() -> None:
         print(f"  E={e:<3} stacked rank {e * r:<4} stacked {sweep[e]['molora stacked']:.2f}x   "
               f"grouped {sweep[e]['molora grouped']:.2f}x")
     results["sweep_E"] = sweep
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
-    print(f"\nwritten: {RESULTS}")
+    path = RESULTS if args.threads == 2 else RESULTS.with_name(f"lora-{args.threads}t.json")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"\nwritten: {path}")
 
 
 if __name__ == "__main__":

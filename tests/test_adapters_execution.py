@@ -104,3 +104,30 @@ def test_auto_execution_follows_the_stacked_rank():
     assert small.execution_used == "stacked" and big.execution_used == "grouped"
     with pytest.raises(ValueError, match="execution must be one of"):
         AdapterSpec(method="molora", execution="fast").build(16, 16)
+
+
+def test_grouped_function_gradcheck():
+    from routelab.adapters._grouped import GroupedLoRA
+    from routelab.dispatch.permute import make_plan
+    from routelab.routing.base import RoutingDecision
+
+    torch.manual_seed(0)
+    T, E, R, D, O = 5, 3, 2, 4, 3
+    token = torch.tensor([0, 1, 2, 3, 4, 0, 2, 4])
+    expert = torch.tensor([0, 2, 0, 2, 2, 1, 2, 0])  # expert 1 gets one row; no expert is empty on purpose below
+    weight = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    plan = make_plan(RoutingDecision(token_index=token, expert_index=expert, weight=weight, num_tokens=T,
+                                     num_experts=E))
+    sizes = plan.group_sizes_E.tolist()
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(E, R, D, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(E, R, O, dtype=torch.float64, requires_grad=True)
+    w = plan.weight_S.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w, A, B: GroupedLoRA.apply(x, plan.token_S, w, A, B, sizes),
+                                    (x, w, A, B))
+    h = torch.randn(T, R, dtype=torch.float64, requires_grad=True)  # HydraLoRA: rows already down-projected
+    assert torch.autograd.gradcheck(lambda h, w, B: GroupedLoRA.apply(h, plan.token_S, w, None, B, sizes), (h, w, B))
+    empty = [sizes[0] + sizes[1], 0, sizes[2]]  # an expert without rows: its gradients are zeros
+    out = GroupedLoRA.apply(x, plan.token_S, w, A, B, empty)
+    out.sum().backward()
+    assert torch.count_nonzero(A.grad[1]) == 0 and torch.count_nonzero(B.grad[1]) == 0

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import routelab
-from routelab.adapters import add_lora_experts, adapter_aux_loss, load_adapters, routed_lora_layers, save_adapters
+from routelab.adapters import adapter_aux_loss, add_lora_experts, load_adapters, routed_lora_layers, save_adapters
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff=48, num_experts=4, moe_every=2)
@@ -146,3 +146,43 @@ def test_tiny_hugging_face_llama(tmp_path):
     load_adapters(fresh, tmp_path / "hf")
     fresh.eval()
     assert torch.equal(fresh(ids).logits, logits)
+
+
+def test_adapter_aux_loss_sums_every_layers_router_losses():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    add_lora_experts(model, target_modules=["0", "1"], num_experts=4, r=2,
+                     router_options={"k": 2, "aux_loss_coef": 0.5}, verbose=False)
+    assert adapter_aux_loss(model).item() == 0.0  # before any forward
+    model(torch.randn(5, 8))
+    expected = sum(layer.last_decision.aux_losses["aux"] for layer in routed_lora_layers(model).values())
+    total = adapter_aux_loss(model)
+    assert total.requires_grad and torch.equal(total, expected)
+    assert total.item() >= 2 * 0.5 * 0.99  # the Switch loss is at least 1·coef per layer
+
+
+def test_save_and_load_refuse_bad_paths(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="no routed-LoRA layers"):
+        save_adapters(model, tmp_path / "a")
+    add_lora_experts(model, target_modules=["0"], num_experts=2, r=1, verbose=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        save_adapters(model, tmp_path / "file")
+    save_adapters(model, tmp_path / "a")
+    (tmp_path / "a" / "adapters.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapters.json"):
+        load_adapters(nn.Sequential(nn.Linear(8, 8)), tmp_path / "a")
+
+
+def test_id_routers_get_the_models_input_ids():
+    """hash routing reads RoutingContext.token_ids: the wrapped model hands its input ids to every adapter, so the
+    same token id goes to the same LoRA expert wherever it appears."""
+    model = _lm()
+    add_lora_experts(model, target_modules=["qkv"], num_experts=4, r=2, router="hash", verbose=False)
+    ids = torch.tensor([[5, 9, 5, 17, 9, 5]])
+    model(ids)
+    decision = routed_lora_layers(model)["blocks.0.attn.qkv"].last_decision
+    from routelab.routing.hashing import hash_ids
+
+    assert torch.equal(decision.token_index, torch.arange(6))
+    assert torch.equal(decision.expert_index, hash_ids(ids.reshape(-1), 0) % 4)

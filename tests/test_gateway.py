@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 
 class ServerThread:
@@ -52,7 +52,8 @@ class StubUpstream:
     """An OpenAI-compatible upstream. Answers `"<name> says: <last user text>"`, with usage (prompt tokens = words
     of the request's text, completion tokens = words of the answer). `mode`: ok | an HTTP status ("500", "429", ...;
     "400" names a param) | sleep (longer than any gateway timeout in the tests) | stall (a stream that stops after
-    its first event) | error_event (a stream that reports an error after its first event). Records every request body and Authorization header."""
+    its first event) | error_event (a stream that reports an error after its first event) | garbage (an HTML page
+    with status 200). Records every request body and Authorization header."""
 
     def __init__(self, name: str, *, sleep_s: float = 3.0) -> None:
         self.name = name
@@ -72,6 +73,8 @@ class StubUpstream:
             if self.mode == "400":
                 return JSONResponse({"error": {"message": f"{self.name} dislikes max_tokens", "type":
                                                "invalid_request_error", "param": "max_tokens", "code": None}}, 400)
+            if self.mode == "garbage":  # a proxy's error page with status 200
+                return PlainTextResponse("<html>bad gateway</html>")
             if self.mode.isdigit():  # any other status: an error body as OpenAI sends it
                 return JSONResponse({"error": {"message": f"{self.name} fails with {self.mode}", "type": "error"}},
                                     int(self.mode))
@@ -154,6 +157,8 @@ class KeywordRouter:
 # The tests: a gateway (real uvicorn, ephemeral port) over two stub upstreams (real uvicorn servers in threads).
 
 import os  # noqa: E402
+import queue  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -173,7 +178,7 @@ TIMEOUT_S = 0.5
 
 @pytest.fixture(scope="module")
 def upstreams():
-    a, b = StubUpstream("A", sleep_s=2.0), StubUpstream("B", sleep_s=2.0)
+    a, b = StubUpstream("A", sleep_s=5.0), StubUpstream("B", sleep_s=5.0)
     with ServerThread(a.app) as sa, ServerThread(b.app) as sb:
         a.url, b.url = sa.url, sb.url
         yield a, b
@@ -253,7 +258,8 @@ def test_router_picks_the_model_and_the_response_names_it(client, gateway, upstr
     assert up.requests[-1]["model"] == ("a-model" if expected == "strong" else "weak")
     rec = log_record(gateway, r)
     assert rec["chosen"] == rec["model"] == expected and rec["status"] == 200 and rec["route"] == f"router-kw-{knob:g}"
-    assert rec["predicted_scores"] == ({"strong": 0.9, "weak": 0.3} if "hard" in text else {"strong": 0.5, "weak": 0.45})
+    hard = "hard" in text
+    assert rec["predicted_scores"] == ({"strong": 0.9, "weak": 0.3} if hard else {"strong": 0.5, "weak": 0.45})
     tokens_in, tokens_out = 2 + len(text.split()), len(up.answer(text).split())
     assert rec["tokens"] == {"input": tokens_in, "output": tokens_out, "source": "usage"}
     assert rec["cost_usd"] == pytest.approx(expected_cost(expected, tokens_in, tokens_out), rel=1e-12)
@@ -321,22 +327,25 @@ def test_fallback_on_upstream_500_goes_to_the_next_best_model(client, gateway, u
     assert all(json.loads(e)["model"] == "weak" for e in events[:-1]) and events[-1] == "[DONE]"
 
 
-@pytest.mark.parametrize("status", ["503", "429", "401"])
-def test_other_statuses_that_are_not_the_clients_fault_fall_back(client, gateway, upstreams, status):
-    upstreams[0].mode = status
+@pytest.mark.parametrize("mode, error", [("503", "HTTP 503"), ("429", "HTTP 429"), ("401", "HTTP 401"),
+                                         ("garbage", "other than a JSON object")])
+def test_other_failures_that_are_not_the_clients_fault_fall_back(client, gateway, upstreams, mode, error):
+    upstreams[0].mode = mode
     r = client.post("/v1/chat/completions", json=chat("router-kw-0.2", "a hard question"))
     assert r.status_code == 200 and r.json()["model"] == "weak"
-    assert f"HTTP {status}" in log_record(gateway, r)["attempts"][0]["error"]
+    assert error in log_record(gateway, r)["attempts"][0]["error"]
+    with client.stream("POST", "/v1/chat/completions", json=chat("router-kw-0.2", "hard", stream=True)) as r:
+        assert r.status_code == 200 and r.headers["x-routelab-model"] == "weak"
 
 
 def test_fallback_on_upstream_timeout(client, gateway, upstreams):
-    upstreams[0].mode = "sleep"  # sleeps 2 s; the gateway gives it 0.5 s
-    t0 = time.monotonic()
+    upstreams[0].mode = "sleep"  # sleeps 5 s; the gateway gives it 0.5 s
     r = client.post("/v1/chat/completions", json=chat("router-kw-0.2", "a hard question"))
     assert r.status_code == 200 and r.json()["model"] == "weak"
     rec = log_record(gateway, r)
+    # "timeout", not "ok": the attempt was cut, not answered late; and not before the configured timeout.
     assert [(x["model"], x["status"]) for x in rec["attempts"]] == [("strong", "timeout"), ("weak", "ok")]
-    assert TIMEOUT_S <= rec["attempts"][0]["latency_ms"] / 1000 < 2.0 and time.monotonic() - t0 < 2.0
+    assert rec["attempts"][0]["latency_ms"] >= TIMEOUT_S * 1000
 
 
 def test_stall_mid_stream_ends_the_stream_with_an_error_event(client, gateway, upstreams):
@@ -499,6 +508,9 @@ def test_openai_client_talks_to_the_gateway(gateway, upstreams):
     done = client.completions.create(model="weak", prompt="finish this")
     assert done.choices[0].text == upstreams[1].answer("finish this")
     assert {m.id for m in client.models.list()} == {"strong", "weak", "router-kw-0.2", "auto"}
+    assert client.models.retrieve("router-kw-0.7").id == "router-kw-0.7"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("router-nope-0.7")
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.AuthenticationError):
@@ -589,10 +601,11 @@ def test_pool_file_loading(tmp_path):
     assert b.upstream_model == "upstream-b" and b.timeout == 3.0 and b.api_key is None
     assert pool.routers["knn"].path == tmp_path / "routers/knn" and pool.routers["knn-cheap"].knob == 0.25
     assert pool.log == tmp_path / "logs/r.jsonl" and pool.default == "router-knn-cheap"
+    # Five levels of ten aliases each: a few hundred bytes of YAML, 10^5 values once expanded.
+    bomb = "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 5))
     for text, fragment in [("models: [1", "is not valid YAML at line"), ("- 1\n", "must hold a mapping"),
-                           ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-                            "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
-                            "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n", "expands (through YAML aliases)")]:
+                           (bomb, "expands (through YAML aliases)")]:
         path.write_text(text)
         with pytest.raises(GatewayConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             load_pool(path)
@@ -644,7 +657,7 @@ def test_serve_command_rejects_a_bad_pool_with_one_line(tmp_path, capsys):
     assert "--port must be an integer in [0, 65535]" in capsys.readouterr().err
     (tmp_path / "pool.yaml").write_text("models:\n  a: {base_url: 'http://127.0.0.1:1/v1'}\ndefault: a\n")
     assert main(["serve", "--config", str(tmp_path / "pool.yaml"), "--check"]) == 0
-    assert "1 models (a), 0 routers (none), default a" in capsys.readouterr().out
+    assert "routelab serve: models a; routers none; default a" in capsys.readouterr().out
 
 
 def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
@@ -654,24 +667,23 @@ def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
     (tmp_path / "pool.yaml").write_text(
         f"models:\n  strong: {{base_url: '{a.url}/v1', timeout: 10}}\n  weak: {{base_url: '{b.url}/v1'}}\n"
         "log: routing.jsonl\napi_keys_env: GW_TOKEN\n")
-    with socket.socket() as s:  # a free port for the child (it cannot report one back before it serves)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "GW_TOKEN": TOKEN, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "routelab", "serve", "--config", str(tmp_path / "pool.yaml"),
-                             "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        deadline, port, seen = time.monotonic() + 90, None, []
+        while port is None:  # port 0: the server binds a free port and uvicorn prints it
+            assert time.monotonic() < deadline, f"routelab serve did not start within 90 s: {seen}"
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "routelab serve did not start within 60 s"
-            time.sleep(0.1)
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert proc.poll() is None, f"routelab serve exited: {seen}"
+                continue
+            if found := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", seen[-1]):
+                port = int(found.group(1))
+        assert seen[0].startswith("routelab serve: models strong, weak; routers none; default none;")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN, max_retries=0, timeout=20)
         out = client.chat.completions.create(model="weak", messages=[{"role": "user", "content": "hello"}])
         assert out.model == "weak" and out.choices[0].message.content == b.answer("hello")
@@ -697,6 +709,11 @@ def test_routers_must_route_to_pool_models_and_follow_the_protocol(upstreams):
         create_app(pool, {"kw": broken})
     with pytest.raises(ValueError, match="differ from those the pool file names"):
         create_app(pool, {})
+    for change, where in [({"routers": {"kw": {"path": ".", "knob": -1}}}, "routers.kw.knob"),
+                          ({"default": "router-kw--0.5"}, "default")]:
+        data = {**pool_data(upstreams[0].url, upstreams[1].url), **change}
+        with pytest.raises(GatewayConfigError, match=f"^pool.yaml: {where}: router 'kw' refuses willingness_to_pay"):
+            create_app(parse_pool(data, source="pool.yaml", environ={"STUB_KEY": "k"}), {"kw": KeywordRouter()})
 
 
 def test_routing_log_counts_failed_writes_instead_of_raising(tmp_path):

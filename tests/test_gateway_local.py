@@ -56,10 +56,21 @@ def gateway(folder):
     upstream = StubUpstream("B")
     with ServerThread(upstream.app) as up:
         pool = parse_pool({"models": {"tiny": {"path": str(folder), "max_new_tokens": MAX_NEW, "timeout": 60},
+                                      # no generation finishes within a microsecond: always times out
+                                      "tiny-slow": {"path": str(folder), "timeout": 1e-6},
                                       "weak": {"base_url": f"{up.url}/v1"}},
-                           "routers": {"kw": "."}})
-        with ServerThread(create_app(pool, {"kw": KeywordRouter(("tiny", "weak"))})) as server:
+                           "routers": {"kw": ".", "slow": "."}})
+        routers = {"kw": KeywordRouter(("tiny", "weak")), "slow": KeywordRouter(("tiny-slow", "weak"))}
+        with ServerThread(create_app(pool, routers)) as server:
+            server.upstream = upstream
             yield server
+
+
+def test_a_local_model_that_times_out_falls_back(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=60) as c:
+        r = c.post("/v1/chat/completions", json=chat("router-slow-0", "hard"))
+    assert r.status_code == 200 and r.json()["model"] == "weak" and r.headers["x-routelab-attempts"] == "2"
+    assert r.json()["choices"][0]["message"]["content"] == gateway.upstream.answer("hard")
 
 
 def test_local_model_answers_completions_chat_and_streams(gateway, folder):

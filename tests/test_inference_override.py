@@ -278,6 +278,65 @@ def test_patched_hf_model_k1_equals_hf_with_one_expert_per_token_and_generate():
     assert math.isfinite(float(out.float().sum()))
 
 
+def test_patched_qwen3_moe_k1_and_analysis_of_a_patched_model():
+    from routelab.inference import analyze
+    from routelab.interop.hf import patch_model
+
+    def qwen3(k):
+        cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, max_position_embeddings=64, intermediate_size=48,
+                                          moe_intermediate_size=24, num_experts=4, num_experts_per_tok=k,
+                                          norm_topk_prob=True, experts_implementation="eager")
+        torch.manual_seed(0)
+        return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+    hf2, hf1 = qwen3(2), qwen3(1)
+    hf1.load_state_dict(hf2.state_dict())
+    ids = _ids(B=2, L=10)
+    with torch.no_grad():
+        expected = hf1(ids).logits
+        patch_model(hf2)
+        with override_routing(hf2, k=1):
+            got = hf2(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    result = analyze(hf2, {"x": ids[:1], "y": ids[1:]}, segment_lengths=(1, 4))
+    assert [sum(L["load"]) for L in result["layers"]] == [2.0 * ids.numel()] * 2
+    assert result["layers"][0]["srp"]["1"] == pytest.approx(1.0)
+
+
+def test_patched_deepseek_v3_groups_bias_and_scaling_go_through_the_wrapper():
+    from routelab.interop.hf import patch_model
+
+    def deepseek(k):
+        cfg = transformers.DeepseekV3Config(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+            num_experts_per_tok=k, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+            routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8, experts_implementation="eager")
+        torch.manual_seed(0)
+        model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buf.copy_(torch.randn(buf.shape) * 0.1)  # a correction bias that changes the selection
+        return model
+
+    hf2, hf1 = deepseek(2), deepseek(1)
+    hf1.load_state_dict(hf2.state_dict())
+    ids = _ids(B=2, L=10)
+    with torch.no_grad():
+        expected1 = hf1(ids).logits
+        patch_model(hf2)
+        plain = hf2(ids).logits
+        with override_routing(hf2, min_weight_ratio=0.0):  # the whole wrapper, nothing changed
+            same = hf2(ids).logits
+        with override_routing(hf2, k=1):
+            got1 = hf2(ids).logits
+    torch.testing.assert_close(same, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got1, expected1, rtol=1e-5, atol=1e-5)
+
+
 def test_routelab_generate_with_kv_cache_under_an_override():
     """Incremental decoding (KV cache, one token per step, left-padded batch) under an override gives the tokens of
     a plain greedy loop that recomputes the whole sequence under the same override."""
@@ -307,7 +366,9 @@ def test_routelab_generate_with_kv_cache_under_an_override():
 
 @pytest.mark.parametrize("name, options", [
     ("topk", {"k": 2}), ("topk", {"k": 3, "normalize": "none"}), ("topk", {"k": 2, "score": "sigmoid"}),
-    ("topk", {"k": 2, "balance": "bip"}), ("top_p", {"p": 0.5}), ("top_p", {"p": 0.6, "normalize": "selected"}),
+    ("topk", {"k": 2, "balance": "bip"}), ("topk", {"k": 2, "n_group": 3, "topk_group": 2}),
+    ("topk", {"k": 3, "score": "sigmoid", "n_group": 3, "topk_group": 2, "balance": "loss_free"}),
+    ("top_p", {"p": 0.5}), ("top_p", {"p": 0.6, "normalize": "selected"}),
     ("top_p", {"p": 0.3, "rule": "within", "min_k": 0}), ("cosine", {"k": 2}), ("cosine", {"k": 1}),
 ])  # fmt: skip
 def test_an_option_that_changes_nothing_reproduces_each_supported_router(name, options):
@@ -316,6 +377,8 @@ def test_an_option_that_changes_nothing_reproduces_each_supported_router(name, o
     router = routelab.create_router(name, d_model=16, num_experts=6, aux_loss_coef=0.0, **options)
     if name == "topk" and options.get("balance") == "bip":
         router.bip_dual.copy_(torch.rand(6) * 0.2)
+    if name == "topk" and options.get("balance") == "loss_free":
+        router.expert_bias.copy_(torch.rand(6) * 0.2 - 0.1)
     layer = routelab.MoELayer(16, 8, router).eval()
     x = torch.randn(50, 16)
     with torch.no_grad():
@@ -326,6 +389,22 @@ def test_an_option_that_changes_nothing_reproduces_each_supported_router(name, o
     w_own, w_again = _weights(own), _weights(again)
     assert w_own.keys() == w_again.keys()
     assert all(w_again[key] == pytest.approx(w, rel=1e-6, abs=1e-7) for key, w in w_own.items())
+
+
+def test_group_limited_topk_keeps_its_group_limit_under_k():
+    torch.manual_seed(0)
+    router = routelab.create_router("topk", d_model=16, num_experts=6, k=2, n_group=3, topk_group=1,
+                                    aux_loss_coef=0.0)
+    layer = routelab.MoELayer(16, 8, router)
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        with override_routing(layer, k=4):  # only the 2 experts of the kept group are eligible
+            d = router(x)
+        groups = [{e // 2 for e in s} for s in _sets(d)]
+        assert d.experts_per_token().eq(2).all() and all(len(g) == 1 for g in groups)
+        with override_routing(layer, k=1, force=[5]):  # a forced expert may come from another group
+            d = router(x)
+        assert all(5 in s and len(s) <= 2 for s in _sets(d))
 
 
 def test_top_p_on_sigmoid_scores_uses_the_normalised_mass():

@@ -171,13 +171,15 @@ def run_finetune(
     specs: dict[str, AdapterSpec] = {}
     for method in methods:
         method_options = {"k": k * r} if method == "flylora" else {}
-        router_options = {} if method in ("flylora", "smora", "mhr") else {"k": k}
+        # smora routes over r·E rank experts: k experts of rank r are k·r ranks; mhr mixes every skill, as Poly does.
+        router_options = {"flylora": {}, "mhr": {}, "smora": {"k": k * r}}.get(method, {"k": k})
         specs[method] = AdapterSpec(method=method, num_experts=experts, r=r, router_options=router_options,
                                     method_options=method_options)
     for spec in specs.values():  # bad options fail here, before any data loads or anything trains
         spec.build(*shapes[0])
     new_domains = resolve_domains(data, max_chars=max_chars)
-    orig_domains = resolve_domains(original or orig_default, max_chars=min(orig_chars, max_chars * 10))
+    # The original text cut as training cut it, so that its validation part is the one training held out.
+    orig_domains = resolve_domains(original or orig_default, max_chars=orig_chars)
     new = tokenize_with(new_domains, tokenizer, val_fraction=val_fraction)
     orig = tokenize_with(orig_domains, tokenizer, val_fraction=val_fraction)
     new.check_windows(seq_len)
@@ -261,7 +263,7 @@ def _finetune_one(base, name, spec, targets, new, new_val, orig_val, cfg: TrainC
             group["lr"] = lr_at(step, cfg)
         inputs, targets_ = new.batch(step, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
 
-        def lm_loss(per_sequence: bool = False):
+        def lm_loss(per_sequence: bool = False, inputs=inputs, targets_=targets_):
             logits = model(inputs)[0]
             nll = F.cross_entropy(logits.transpose(1, 2).float(), targets_, reduction="none")  # [B, L]
             return nll.mean(1) if per_sequence else nll.mean()

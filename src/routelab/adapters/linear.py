@@ -8,12 +8,13 @@ Executions (equal in exact arithmetic; `tests/test_adapters_execution.py` checks
 - stacked: one matmul over all E·R ranks (`x @ A_all`, [T, E·R]), the ranks of each expert scaled by the token's
   routing weight for it (0 where not selected), one matmul back (`@ B_all`). Wastes E/k of the adapter FLOPs but
   runs as two large matmuls with no gather, sort or Python loop.
-- grouped: the dispatcher's sort-based permute (`routelab.dispatch.permute`), one small matmul pair per expert on
-  its rows only, and the weighted combine. Exact active FLOPs, but a gather, a scatter and E small matmuls.
-`benchmarks/lora.py` times both; "auto" picks stacked while the stacked rank E·R is at most `STACKED_MAX_RANK` (the
-measured crossover on CPU, where small matmuls do not get cheaper in proportion to their size).
-
-Both are plain autograd compositions (no custom autograd function), so every gradient is the one PyTorch derives.
+- grouped: the assignments sorted by expert (`routelab.dispatch.make_plan`), one small matmul pair per expert on its
+  rows only, scatter-added back. Exact active FLOPs, but row gathers, scatters and E small matmuls.
+`benchmarks/lora.py` times both; "auto" picks stacked while the stacked rank E·R is at most `STACKED_MAX_RANK` = 128,
+the measured crossover at k=2, R=8 on CPU with one thread (E=8: stacked 1.23-1.45x the rank-16 LoRA linear, grouped
+1.81-1.85x; E=16: equal; E=32: grouped 1.72x vs 2.26x; E=64: 2.15x vs 3.71x). With two threads on an overloaded
+machine the grouped form's many small ops each waited for the second core and stacked won at every E.
+The stacked form is plain autograd; the grouped form is one custom autograd function (`_grouped.py`, gradchecked).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from routelab._checks import check_choice, check_int, check_number
-from routelab.dispatch.permute import combine, permute
+from routelab.adapters._grouped import GroupedLoRA
+from routelab.dispatch.permute import make_plan
 from routelab.routing.base import RoutingContext, RoutingDecision
 
 EXECUTIONS = ("auto", "stacked", "grouped")
 # "auto" uses the stacked form up to this many stacked ranks E·R (see benchmarks/lora.py for the measurement).
-STACKED_MAX_RANK = 256
+STACKED_MAX_RANK = 128
 
 
 def stacked_lora(h_TER: Tensor, gate_TE: Tensor, B_ERO: Tensor) -> Tensor:
@@ -42,18 +44,16 @@ def stacked_lora(h_TER: Tensor, gate_TE: Tensor, B_ERO: Tensor) -> Tensor:
 
 
 def grouped_lora(x_TD: Tensor, decision: RoutingDecision, A_ERD: Tensor | None, B_ERO: Tensor) -> Tensor:
-    """Each expert's LoRA on its own rows only: permute by expert, per-expert (x A_eᵀ) B_e, weighted combine.
+    """Each expert's LoRA on its own rows only: the assignments sorted by expert (`make_plan`), then per expert
+    gather its rows, (x A_eᵀ · w) B_e, scatter-add back (`adapters/_grouped.py`, one custom autograd function that
+    never holds an [S, D] tensor). The routing weights multiply the [S, R] rank rows, their one place here.
 
     A_ERD None means the rows are already down-projected (HydraLoRA's shared A): x_TD is then h_TR.
     Returns [T, O]; tokens without assignments get zeros.
     """
-    rows_SD, sizes_E, plan = permute(x_TD, decision)
-    outs = []
-    for e, rows in enumerate(rows_SD.split(sizes_E.tolist())):
-        h = rows if A_ERD is None else rows @ A_ERD[e].T
-        outs.append(h @ B_ERO[e])
-    out_SO = torch.cat(outs) if outs else x_TD.new_zeros(0, B_ERO.shape[-1])
-    return combine(out_SO, plan)
+    plan = make_plan(decision)
+    return GroupedLoRA.apply(x_TD, plan.token_S, plan.weight_S.to(x_TD.dtype), A_ERD, B_ERO,
+                             plan.group_sizes_E.tolist())
 
 
 def resolve_execution(execution: str, stacked_rank: int) -> str:
@@ -154,6 +154,9 @@ class RoutedLoRALinear(nn.Module):
         self.spec = spec  # the AdapterSpec that built the adapter (add_lora_experts sets it; save_adapters needs it)
         self.last_decision: RoutingDecision | None = None
         self.last_adapter_flops: float = 0.0
+        # The model's input ids of the current forward, set by the hook add_lora_experts puts on the model, for
+        # routers that read RoutingContext.token_ids (hash routing); used when they match this layer's tokens.
+        self.token_ids: Tensor | None = None
 
     # Code written for an nn.Linear reads these (e.g. a model checking `proj.weight.dtype`).
     @property
@@ -175,7 +178,8 @@ class RoutedLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         x_TD = x.reshape(-1, self.in_features)
-        ctx = RoutingContext(batch_shape=tuple(x.shape[:-1]))
+        ids = self.token_ids if self.token_ids is not None and self.token_ids.numel() == x_TD.shape[0] else None
+        ctx = RoutingContext(batch_shape=tuple(x.shape[:-1]), token_ids=ids)
         delta_TO, decision = self.adapter(x_TD, ctx)
         self.last_decision = None if decision is None else decision.detached()
         self.last_adapter_flops = self.adapter.adapter_flops(decision)
@@ -203,3 +207,13 @@ def adapter_aux_loss(model: nn.Module) -> Tensor:
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)
     return sum(losses[1:], losses[0])
+
+
+def capture_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on a wrapped model: hand its input ids (the first positional argument or `input_ids`, when
+    an integer tensor) to every routed-LoRA linear, so that id-based routers (hash) work inside any model."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex():
+        ids = None
+    for layer in routed_lora_layers(model).values():
+        layer.token_ids = ids

@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
         return fail("serve", exc)
     gateway = app.state.gateway
     pool = gateway.pool
-    print(f"routelab serve: {len(pool.models)} models ({', '.join(pool.models)}), "
-          f"{len(pool.routers)} routers ({', '.join(pool.routers) or 'none'}), default {pool.default or 'none'}"
-          + (f", log {pool.log}" if pool.log else "") + (", bearer auth on" if pool.api_keys else ""))
+    print(f"routelab serve: models {', '.join(pool.models)}; routers {', '.join(pool.routers) or 'none'}; "
+          f"default {pool.default or 'none'}" + (f"; log {pool.log}" if pool.log else "")
+          + ("; bearer auth on" if pool.api_keys else ""), flush=True)  # before uvicorn's own lines, even in a pipe
     if args.check:
         return 0
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -26,14 +26,15 @@ from typing import Any
 import torch
 import yaml
 
-from routelab.compare.config import ConfigError, model_config
+from routelab.compare.config import ConfigError, load_yaml, model_config
 from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
 from routelab.data.dataset import TokenData, tokenize_domains
 from routelab._atomic import atomic_write_text
 from routelab._runs import RunLayout, check_out, claim_out
+from routelab.train import distributed
 from routelab.train.checkpoint import CHECKPOINT_JSON
 from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
-from routelab.models.io import save_model
+from routelab.models.io import MODEL_FILES, save_model
 from routelab.models.transformer import MoETransformerLM
 
 RESULTS_FORMAT = 1
@@ -89,13 +90,18 @@ def _run_compare(
     cfg: dict[str, Any], *, out_dir: str | Path, resume: bool, overwrite: bool, quiet: bool, notes: list[str] | None,
     cache: Path | None, log: Callable[[str], None],
 ) -> dict[str, Any]:
+    main = distributed.is_main()  # under torchrun every rank trains every variant; rank 0 alone writes
     out = Path(out_dir)
     layout = compare_layout(cfg)
     check_out(out, layout, overwrite=overwrite)  # before the (slow) data loading
     if resume:
         check_resumable(out, cfg)
     started = time.perf_counter()
+    if not main:
+        distributed.barrier()  # rank 0 builds (and caches) the tokenizer first
     data = load_data(cfg, cache=cache)
+    if main:
+        distributed.barrier()
     train_cfg = TrainConfig(**cfg["train"])
     data.check_windows(train_cfg.seq_len)
     setup_seconds = time.perf_counter() - started
@@ -104,8 +110,11 @@ def _run_compare(
         sizes = ", ".join(f"{d.name} ({d.train.numel():,} train / {d.val.numel():,} val tokens)" for d in data.domains)
         log(f"data: {sizes}; "
             f"tokenizer {how} ({data.vocab_size} tokens, {setup_seconds:.1f} s)")
-    claim_out(out, layout, resume=resume, overwrite=overwrite)  # without resume: the earlier run's outputs go
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    distributed.barrier()  # every rank has checked --out before rank 0 claims it
+    if main:
+        claim_out(out, layout, resume=resume, overwrite=overwrite)  # without resume: the earlier run's outputs go
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    distributed.barrier()
 
     warm_up(cfg, data, train_cfg)
     results = []
@@ -124,7 +133,8 @@ def _run_compare(
             result = run_variant(cfg, variant, data, train_cfg, out_dir=vdir, resume=resume, quiet=quiet,
                                  desc=f"[{i + 1}/{n}] {variant['name']}", bar_position=1, log=log)
             result["variant_hash"] = vhash
-            atomic_write_text(done_path, json.dumps(result, indent=1))
+            if main:
+                atomic_write_text(done_path, json.dumps(result, indent=1))
         results.append(result)
         if overall is not None:
             overall.update(1)
@@ -150,10 +160,12 @@ def _run_compare(
         "variants": results,
     }
     summary["wall_seconds"] = time.perf_counter() - started
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
-    from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
+    if main:
+        atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+        from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
 
-    write_report(summary, out)
+        write_report(summary, out)
+    distributed.barrier()
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
 
@@ -167,7 +179,9 @@ VARIANT_FILES = ("result.json", "metrics.jsonl", CHECKPOINT_JSON, "checkpoint-*.
 def compare_layout(cfg: dict[str, Any]) -> RunLayout:
     """The folders and files of a comparison's --out folder."""
     folders = {"": REPORT_FILES, "variants": ()}
-    folders.update({f"variants/{v['name']}": VARIANT_FILES for v in cfg["variants"]})
+    for v in cfg["variants"]:
+        folders[f"variants/{v['name']}"] = VARIANT_FILES
+        folders[f"variants/{v['name']}/model"] = MODEL_FILES
     return RunLayout("compare", folders)
 
 
@@ -177,10 +191,9 @@ def check_resumable(out: Path, cfg: dict[str, Any]) -> None:
     if not path.is_file():
         return
     try:
-        previous = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"--resume: cannot read {path} ({reason}); fix or delete it, or run without --resume") \
+        previous = load_yaml(path)  # bounded: a regular file, a size limit, aliases expanded within a limit
+    except ConfigError as exc:
+        raise ConfigError(f"--resume: cannot read {path} ({exc}); fix or delete it, or run without --resume") \
             from None
     if previous != yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)):
         raise ConfigError(f"--resume: {out} holds a comparison with a different configuration "
@@ -227,14 +240,17 @@ def run_variant(
     try:
         run = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc=desc,
                     bar_position=bar_position, log=log)
+        if distributed.is_main():  # under torchrun run.model is consolidated on every rank; rank 0 writes it
+            save_model(run.model, data.tokenizer, out_dir / "model", training=json_safe({  # variants/<name>/model
+                "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
+                "final": {"val_loss": run.final["val_loss"], "val_loss_by_domain": run.final["val_loss_by_domain"]},
+            }))
     except Exception as exc:  # noqa: BLE001 — one broken router must not cost the others' results
+        distributed.barrier()
         return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
+    distributed.barrier()
     wall = time.perf_counter() - t0
     model, final = run.model, run.final
-    save_model(model, data.tokenizer, out_dir / "model", training=json_safe({
-        "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
-        "final": {"val_loss": final["val_loss"], "val_loss_by_domain": final["val_loss_by_domain"]},
-    }))
     model.eval()
     causal_eval = model.causal
     model.train()

@@ -37,6 +37,9 @@ def lm_logits(model: nn.Module, ids_BL: Tensor) -> Tensor:
     """Next-token logits [B, L, V] of a routelab LM or a Hugging Face causal LM."""
     from routelab.models.transformer import MoETransformerLM
 
+    param = next(model.parameters(), None)
+    if param is not None and ids_BL.device != param.device:
+        ids_BL = ids_BL.to(param.device)
     if isinstance(model, MoETransformerLM):
         return model(ids_BL)[0]
     out = model(input_ids=ids_BL)
@@ -46,8 +49,9 @@ def lm_logits(model: nn.Module, ids_BL: Tensor) -> Tensor:
 def token_losses(model: nn.Module, ids_BL: Tensor) -> Tensor:
     """Next-token cross-entropy [B, L-1] (position t predicts token t+1), in fp32."""
     logits_BLV = lm_logits(model, ids_BL)[:, :-1].float()
+    targets = ids_BL[:, 1:].to(logits_BLV.device)
     return torch.nn.functional.cross_entropy(
-        logits_BLV.reshape(-1, logits_BLV.shape[-1]), ids_BL[:, 1:].reshape(-1), reduction="none"
+        logits_BLV.reshape(-1, logits_BLV.shape[-1]), targets.reshape(-1), reduction="none"
     ).view(ids_BL.shape[0], -1)
 
 

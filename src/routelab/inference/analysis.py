@@ -74,7 +74,7 @@ def analyze(
                 n_tokens += ids.numel()
                 flat_ids = ids.reshape(-1)
                 for j, layer in enumerate(layers):
-                    d = layer.last_decision
+                    d = _cpu(layer.last_decision)
                     E = Es[j]
                     load[name][j] += torch.bincount(d.expert_index, minlength=E).double()
                     if d.router_logits is not None:
@@ -133,6 +133,16 @@ def analyze(
         })
     return {"domains": names, "tokens": n_tokens, "segment_lengths": list(segment_lengths),
             "tokens_per_domain": {d: int(domains[d].numel()) for d in names}, "layers": out_layers}
+
+
+def _cpu(decision):
+    """The decision's tensors on the CPU (statistics are accumulated there, whatever device the model runs on)."""
+    import dataclasses
+
+    logits = None if decision.router_logits is None else decision.router_logits.cpu()
+    return dataclasses.replace(decision, token_index=decision.token_index.cpu(),
+                               expert_index=decision.expert_index.cpu(), weight=decision.weight.cpu(),
+                               router_logits=logits)
 
 
 # -- the report folder -----------------------------------------------------------------------------------------

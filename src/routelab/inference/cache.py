@@ -42,6 +42,7 @@ step-by-step loop (`benchmarks/offload.py` measures both).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from routelab._checks import check_choice, check_int, check_number
+from routelab._checks import check_bool, check_choice, check_int, check_number
 from routelab.inference.trace import RoutingTrace
 
 POLICIES = ("lru", "lfu", "arc", "belady", "pregated")
@@ -369,8 +370,12 @@ def simulate_cache(
     bandwidth: float = 16e9,
     compute_s: float = 50e-6,
     engine: str = "auto",
+    prefetch: bool = False,
 ) -> CacheResult:
     """Replay `trace` through a cache of `capacity` experts (per MoE layer, or in total with scope="global").
+
+    prefetch=True adds the pre-gated prefetch to the policy's demand loading ("pregated" is "lru" with prefetch;
+    `offload_experts(prefetch=True)` does the same with any policy but "belady").
 
     bandwidth: bytes/s of expert loads (default 16e9, a PCIe 4.0 x16 host→GPU link); compute_s: seconds of compute
     per token and MoE layer, which a prefetch overlaps. engine: "auto" (vectorised for LRU, else the loop),
@@ -379,17 +384,23 @@ def simulate_cache(
     check_choice("policy", policy, POLICIES)
     check_choice("scope", scope, SCOPES)
     check_choice("engine", engine, ("auto", "vector", "loop"))
+    check_bool("prefetch", prefetch)
+    if prefetch and policy == "belady":
+        raise ValueError("prefetch=True does not combine with policy 'belady' (the optimum for demand loading)")
+    if policy == "pregated":
+        policy, prefetch = "lru", True
     check_number("bandwidth", bandwidth, low=0, open_low=True)
     check_number("compute_s", compute_s, low=0)
     d = trace if isinstance(trace, Demand) else demand(trace, granularity)
     check_capacity(d, capacity, scope)
-    if policy == "pregated" and all(p is None for p in d.predicted[1:]):
-        raise ValueError("policy 'pregated' needs predictions in the trace (record it with predict=True)")
-    if engine == "vector" and policy != "lru":
-        raise ValueError(f"engine='vector' runs policy 'lru' only, got policy={policy!r}")
-    if policy == "lru" and engine != "loop":
+    if prefetch and all(p is None for p in d.predicted[1:]):
+        raise ValueError("prefetching (policy 'pregated') needs predictions in the trace (record it with predict=True)")
+    if engine == "vector" and (policy != "lru" or prefetch):
+        raise ValueError(f"engine='vector' runs policy 'lru' without prefetch only, got policy={policy!r}")
+    if policy == "lru" and not prefetch and engine != "loop":
         return lru_sweep(d, [capacity], scope=scope, bandwidth=bandwidth)[0]
-    return _simulate_loop(d, capacity, policy, scope, bandwidth, compute_s)
+    result = _simulate_loop(d, capacity, policy, scope, bandwidth, compute_s, prefetch)
+    return dataclasses.replace(result, policy="pregated") if prefetch and policy == "lru" else result
 
 
 def _next_use_tables(used: list[np.ndarray]) -> list[np.ndarray]:
@@ -406,7 +417,7 @@ def _next_use_tables(used: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _simulate_loop(
-    d: Demand, capacity: int, policy: str, scope: str, bandwidth: float, compute_s: float
+    d: Demand, capacity: int, policy: str, scope: str, bandwidth: float, compute_s: float, prefetch: bool
 ) -> CacheResult:
     L, S = len(d.used), d.num_steps
     E_max = max((u.shape[1] for u in d.used), default=1)
@@ -450,15 +461,15 @@ def _simulate_loop(
             # The prefetch issued during the previous layer overlapped its compute; what it did not hide stalls.
             stall += b / bandwidth + max(0.0, prefetched_bytes / bandwidth - overlap)
             prefetched_bytes = 0
-            if policy == "pregated" and layer + 1 < L and predicted[layer + 1] is not None:
+            if prefetch and layer + 1 < L and predicted[layer + 1] is not None:
                 nl = layer + 1
                 loaded = caches[nl].prefetch([key(nl, e) for e in predicted[nl][t]], g)
                 prefetch_loads += len(loaded)
                 prefetched_bytes = len(loaded) * d.expert_bytes[nl]
                 nbytes += prefetched_bytes
-    recall, precision = prediction_accuracy(d) if policy == "pregated" else (None, None)
+    recall, precision = prediction_accuracy(d) if prefetch else (None, None)
     return CacheResult(
-        policy=policy, capacity=capacity, scope=scope, requests=requests, hits=hits, misses=misses,
+        policy=policy + (" + prefetch" if prefetch else ""), capacity=capacity, scope=scope, requests=requests, hits=hits, misses=misses,
         prefetch_loads=prefetch_loads, num_tokens=int(d.tokens_S.sum()), layer_steps=S * L, bytes_moved=nbytes,
         stall_s=stall, prediction_recall=recall, prediction_precision=precision,
     )  # fmt: skip
@@ -624,14 +635,15 @@ def plot_hit_rates(results: Sequence[CacheResult], path: str | Path, *, title: s
     by_policy: dict[str, list[CacheResult]] = {}
     for r in results:
         by_policy.setdefault(r.policy, []).append(r)
+    markers = iter("sv^Dx+<>ph" * 3)
     for policy, rs in by_policy.items():
         rs = sorted(rs, key=lambda r: r.capacity)
         x, y = [r.capacity for r in rs], [r.hit_rate for r in rs]
         if policy == "belady":
             ax.plot(x, y, "k--", marker="o", label="belady (optimal demand loading)")
             ax.fill_between(x, y, 1.0, color="0.9", label="unreachable without prefetch")
-        else:
-            ax.plot(x, y, marker="o", label=policy)
+        else:  # distinct markers, so policies that coincide stay visible
+            ax.plot(x, y, marker=next(markers), markerfacecolor="none", label=policy)
     scope = results[0].scope if results else "layer"
     ax.set_xlabel("capacity (experts " + ("per MoE layer" if scope == "layer" else "in one pool") + ")")
     ax.set_ylabel("hit rate")

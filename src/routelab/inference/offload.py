@@ -18,7 +18,7 @@ The cache is the simulator's (`inference/cache.py`): the same policy classes, th
 layer, its experts pinned), the same per-layer or global scope, so the executor's miss count on a run equals the
 simulator's on that run's trace. With `prefetch=True`, once layer l has run, the experts predicted for layer l+1
 (layer l+1's router on layer l's input, or a pre-gating router's exact choice — `trace.predict_next`) are loaded into
-layer l+1's cache, as the simulator's "pregated" policy does; here the loads are synchronous (the CPU executor does
+layer l+1's cache, as the simulator does with `prefetch=True` ("pregated" = LRU with prefetch); here the loads are synchronous (the CPU executor does
 not overlap them with compute; the simulator's stall model says what overlap would save). `policy="belady"` needs the
 run's trace in advance (`trace=`, recorded from the same model and inputs), and refuses a trace of another model or
 a run that departs from it.
@@ -414,6 +414,8 @@ def offload_experts(
     check_choice("policy", policy, tuple(p for p in POLICIES if p != "pregated"))
     check_bool("prefetch", prefetch)
     check_choice("scope", scope, SCOPES)
+    if prefetch and policy == "belady":
+        raise ValueError("prefetch=True does not combine with policy 'belady' (the optimum for demand loading)")
     layers = moe_layers(model)
     if not layers:
         raise ValueError("offload_experts needs a model with routelab MoE layers (a routelab LM or a model patched "

@@ -31,10 +31,11 @@ The order, per layer (shape legend: T tokens, E experts, S assignments):
                 weights in the router's unedited decision); False: kept weights keep their step-4 values
 
 "Top-k over the router's own scores" applies to routers that score every (token, expert) pair independently from a
-logit row: `topk` (softmax or sigmoid scores, its loss-free / BIP selection bias kept in the ranking), `top_p` without
-null or fixed experts, and `cosine`. Other routers (expert choice, Sinkhorn, hash, random, k-means, recurrent,
-similarity, null experts, group-limited top-k) decide in ways for which "the token's top k" is not defined by a
-logit row alone, and `override_routing` refuses them with an error naming the layer and the router. A top-k router
+logit row: `topk` (softmax or sigmoid scores; its loss-free / BIP selection bias and its group limit are kept in the
+ranking, so with `n_group` a token takes at most the experts of its `topk_group` kept groups, forced ones aside),
+`top_p` without null or fixed experts, and `cosine`. Other routers (expert choice, Sinkhorn, hash, random, k-means,
+recurrent, similarity, null experts) decide in ways for which "the token's top k" is not defined by a logit row
+alone, and `override_routing` refuses them with an error naming the layer and the router. A top-k router
 with a capacity is overridden dropless (capacity is a training device; under an override nothing is dropped).
 
 The decision keeps the router's aux losses and its original (unedited) logits in `router_logits`. Overrides are
@@ -81,7 +82,8 @@ class ScoreRule:
     """How a router turns a logit row into scores, ranks experts, counts them and weights them.
 
     scores:     logits [T, E] → scores [T, E] (the router's score function)
-    rank_bias:  [E] added to the scores for ranking only (the loss-free bias, minus BIP duals), or None
+    rank:       scores [T, E] → the router's selection score [T, E] (scores plus its balancing bias; −inf for experts
+                its group limit excludes), or None when it selects by the scores themselves
     own_count:  scores [T, E] → LongTensor [T], how many experts the router itself gives each token
     k:          that count when it is the same for every token (top-k routers), else None
     normalizes: the router divides its selected scores by their sum
@@ -89,7 +91,7 @@ class ScoreRule:
     """
 
     scores: Callable[[Tensor], Tensor]
-    rank_bias: Tensor | None
+    rank: Callable[[Tensor], Tensor] | None
     own_count: Callable[[Tensor], Tensor]
     normalizes: bool
     scaling: float
@@ -106,14 +108,12 @@ def score_rule(router: Router, *, where: str = "router") -> ScoreRule:
     from routelab.routing.top_p import TopPRouter, entropy, prefix_lengths
     from routelab.routing.topk import TopKRouter
 
-    if isinstance(router, TopKRouter) and router.n_group is None:
+    if isinstance(router, TopKRouter):
         score = (lambda z: z.softmax(-1)) if router.score == "softmax" else (lambda z: z.sigmoid())
-        bias = None
-        if router.balance == "loss_free":
-            bias = router.expert_bias
-        elif router.balance == "bip":
-            bias = -router.bip_dual
-        return ScoreRule(score, bias, _constant(router.k), router.normalize == "selected", router.scaling, router.k)
+        rank = None
+        if router.balance != "none" or router.n_group is not None:
+            rank = router.selection_scores
+        return ScoreRule(score, rank, _constant(router.k), router.normalize == "selected", router.scaling, router.k)
     if isinstance(router, TopPRouter) and not router.num_null_experts and not router.num_fixed:
 
         def own_count(probs_TE: Tensor) -> Tensor:
@@ -127,13 +127,11 @@ def score_rule(router: Router, *, where: str = "router") -> ScoreRule:
     if isinstance(router, CosineRouter):
         return ScoreRule(lambda z: z.softmax(-1), None, _constant(router.k), router.k > 1, 1.0, router.k)
     what = type(router).__name__
-    if isinstance(router, TopKRouter):
-        what += " with group-limited selection (n_group)"
     if isinstance(router, TopPRouter):
         what += " with null or fixed experts"
     raise ValueError(
         f"{where} is a {what}: routing overrides need a router that scores each token's experts from one logit row "
-        "(topk without n_group, top_p without null or fixed experts, cosine)"
+        "(topk, top_p without null or fixed experts, cosine)"
     )
 
 
@@ -196,9 +194,7 @@ def redecide(
     if count is None and spec.top_p is None and spec.k is None:
         count = rule.k
     with torch.no_grad():
-        rank_TE = scores_TE.detach()
-        if rule.rank_bias is not None:
-            rank_TE = rank_TE + rule.rank_bias.to(device=device, dtype=rank_TE.dtype)
+        rank_TE = scores_TE.detach() if rule.rank is None else rule.rank(scores_TE.detach())
         if force_E is not None:
             rank_TE = rank_TE.masked_fill(force_E, float("inf"))
         if mask_E is not None:
@@ -220,6 +216,8 @@ def redecide(
                 count_T = rule.own_count(scores_TE.detach())
             count_T = count_T.clamp(min=n_forced, max=E - n_masked)
             picked_TN = torch.arange(E, device=device) < count_T[:, None]
+        if rule.rank is not None or mask_E is not None:  # never an expert the ranking excludes (−inf)
+            picked_TN = picked_TN & (rank_TE.gather(1, order_TN) > float("-inf"))
         if real_T is not None:
             picked_TN = picked_TN & real_T[:, None]
 

@@ -132,6 +132,24 @@ def load_routers(pool: PoolConfig) -> dict[str, Any]:
     return routers
 
 
+def _check_configured_knobs(pool: PoolConfig, routers: dict[str, Any]) -> None:
+    """Route one probe prompt with every knob the pool file sets (each router's `knob:` and `default:`), so that a
+    knob the router refuses (a threshold outside [0, 1]) stops startup instead of failing every request."""
+    checks = [(f"routers.{name}.knob", name, entry.knob) for name, entry in pool.routers.items()
+              if entry.knob is not None]
+    if pool.default is not None:
+        route = resolve_model_name(pool.default, pool.models, pool.routers)
+        if route.router is not None:
+            checks.append(("default", route.router, route.knob))
+    for where, name, knob in checks:
+        router = routers[name]
+        try:
+            router.route(["a probe prompt"], **{router.knob_name: knob})
+        except ValueError as exc:
+            raise GatewayConfigError(f"{pool.source}: {where}: router {name!r} refuses {router.knob_name}={knob:g}: "
+                                     f"{exc}") from None
+
+
 def build_app(config_path: str | Path) -> FastAPI:
     """`routelab serve`'s app: load and validate pool.yaml and every router, then create the app."""
     pool = load_pool(config_path)
@@ -147,6 +165,7 @@ def create_app(pool: PoolConfig, routers: dict[str, Any] | None = None) -> FastA
                          f"names ({', '.join(sorted(pool.routers)) or 'none'})")
     for name, router in routers.items():
         check_router(name, router, pool.models)
+    _check_configured_knobs(pool, routers)
     local = {}
     for name, spec in pool.models.items():
         if isinstance(spec, LocalModel):  # loaded now, so that a bad folder stops startup with one line
@@ -190,6 +209,19 @@ def create_app(pool: PoolConfig, routers: dict[str, Any] | None = None) -> FastA
         if (denied := gateway.authorize(request)) is not None:
             return denied
         return JSONResponse({"object": "list", "data": gateway.model_cards()})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        if (denied := gateway.authorize(request)) is not None:
+            return denied
+        card = next((c for c in gateway.model_cards() if c["id"] == model_id), None)
+        if card is None:
+            try:  # any router-<name>-<knob> resolves, listed or not
+                gateway._resolve(model_id)
+            except GatewayError as exc:
+                return error_response(404, exc.message, param="model", code="model_not_found")
+            card = {"id": model_id, "object": "model", "created": 0, "owned_by": "routelab"}
+        return JSONResponse(card)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

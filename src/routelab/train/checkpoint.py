@@ -28,21 +28,31 @@ CHECKPOINT_JSON = "checkpoint.json"
 
 
 def save_checkpoint(
-    folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict[str, Any]
+    folder: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    extra: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write model, optimizer and RNG states for `step` into `folder`; returns the safetensors file."""
+    """Write model, optimizer and RNG states for `step` into `folder`; returns the safetensors file.
+
+    `model_state` / `optimizer_state` replace `model.state_dict()` / `optimizer.state_dict()` (an expert-parallel
+    run passes the consolidated ones, so the checkpoint is what one process would write)."""
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # state-dict key -> key holding the same tensor (parameters shared across layers)
     seen: dict[tuple, str] = {}
-    for key, value in model.state_dict().items():
+    for key, value in (model_state if model_state is not None else model.state_dict()).items():
         ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()))
         if value.numel() and ident in seen:
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
         tensors[f"model.{key}"] = value.detach().clone().contiguous()
-    opt = optimizer.state_dict()
+    opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()
     for index, state in opt["state"].items():
         for name, value in state.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).detach().contiguous()
