@@ -701,7 +701,8 @@ def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
 
 def test_routers_must_route_to_pool_models_and_follow_the_protocol(upstreams):
     pool = parse_pool(pool_data(upstreams[0].url, upstreams[1].url), environ={"STUB_KEY": "k"})
-    with pytest.raises(ValueError, match="router 'kw' routes to 'elsewhere', which the pool does not define"):
+    with pytest.raises(GatewayConfigError, match="^<pool>: routers.kw: router 'kw' routes to 'elsewhere', which the "
+                       "pool does not define"):
         create_app(pool, {"kw": KeywordRouter(("strong", "elsewhere"))})
     broken = KeywordRouter()
     broken.knob_name = "temperature"

@@ -127,8 +127,7 @@ def load_routers(pool: PoolConfig) -> dict[str, Any]:
         try:
             routers[name] = load_router(entry.path)
         except Exception as exc:  # noqa: BLE001 -- any loading error is reported as one line naming the router
-            raise ValueError(f"{pool.source}: routers.{name}: cannot load {entry.path}: {exc}") from None
-        check_router(name, routers[name], pool.models)
+            raise GatewayConfigError(f"{pool.source}: routers.{name}: cannot load {entry.path}: {exc}") from None
     return routers
 
 
@@ -164,7 +163,10 @@ def create_app(pool: PoolConfig, routers: dict[str, Any] | None = None) -> FastA
         raise ValueError(f"routers given ({', '.join(sorted(routers)) or 'none'}) differ from those the pool file "
                          f"names ({', '.join(sorted(pool.routers)) or 'none'})")
     for name, router in routers.items():
-        check_router(name, router, pool.models)
+        try:
+            check_router(name, router, pool.models)
+        except ValueError as exc:
+            raise GatewayConfigError(f"{pool.source}: routers.{name}: {exc}") from None
     _check_configured_knobs(pool, routers)
     local = {}
     for name, spec in pool.models.items():
