@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -243,6 +244,9 @@ class Gateway:
         self.pool = pool
         self.routers = routers
         self._router_locks = {name: threading.Lock() for name in routers}
+        # routelab's query routers take the scores they would predict as route(..., scores_NM=): passing them saves
+        # a second encoding of the prompt per request. Other objects following the protocol are called without it.
+        self._takes_scores = {name: "scores_NM" in inspect.signature(r.route).parameters for name, r in routers.items()}
         self.backends: dict[str, Any] = dict(local)
         self.log: RoutingLog | None = None
         self._clients: list[httpx.AsyncClient] = []
@@ -400,7 +404,8 @@ class Gateway:
         # One call at a time per router: routers may cache encodings or update state (online bandits).
         with self._router_locks[name]:
             scores = np.asarray(router.predict([text]), dtype=np.float64)
-            choice = np.asarray(router.route([text], **{router.knob_name: knob})).reshape(-1)
+            extra = {"scores_NM": scores} if self._takes_scores[name] else {}
+            choice = np.asarray(router.route([text], **{router.knob_name: knob}, **extra)).reshape(-1)
         if scores.shape != (1, m) or choice.shape != (1,) or not 0 <= int(choice[0]) < m:
             raise RuntimeError(f"router {name!r} broke its contract: predict gave shape {scores.shape} (expected "
                                f"(1, {m})), route gave {choice.tolist()}")
