@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from routelab.compare.config import ConfigError, model_config
+from routelab.compare.config import ConfigError, load_yaml, model_config
 from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
 from routelab.data.dataset import TokenData, tokenize_domains
 from routelab._atomic import atomic_write_text
@@ -192,10 +192,9 @@ def check_resumable(out: Path, cfg: dict[str, Any]) -> None:
     if not path.is_file():
         return
     try:
-        previous = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"--resume: cannot read {path} ({reason}); fix or delete it, or run without --resume") \
+        previous = load_yaml(path)  # bounded: a regular file, a size limit, aliases expanded within a limit
+    except ConfigError as exc:
+        raise ConfigError(f"--resume: cannot read {path} ({exc}); fix or delete it, or run without --resume") \
             from None
     if previous != yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)):
         raise ConfigError(f"--resume: {out} holds a comparison with a different configuration "
