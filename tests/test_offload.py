@@ -250,6 +250,14 @@ def test_cli_trace_cache_sim_and_offloaded_generate(tmp_path, capsys):
     trace_path = tmp_path / "t.safetensors"
     assert main(["trace", str(folder), "--data", str(data), "--out", str(trace_path), "--seq-len", "32",
                  "--max-tokens", "300"]) == 0
+    gen_path = tmp_path / "gen.safetensors"
+    assert main(["trace", str(folder), "--data", str(data), "--out", str(gen_path), "--seq-len", "6",
+                 "--max-tokens", "12", "--generate", "3", "--prefill-chunk", "1"]) == 0
+    from routelab.inference.trace import load_trace
+
+    gen = load_trace(gen_path)  # 2 prompts of 6 tokens fed one by one, then 2 new tokens fed back each
+    assert gen.num_steps == 2 * (6 + 2) and gen.sequence_ids.tolist() == [0] * 8 + [1] * 8
+    assert gen.positions.tolist() == list(range(8)) * 2
     out = tmp_path / "sim"
     assert main(["cache-sim", str(trace_path), "--capacity", "2,4,8", "--granularity", "token", "--out",
                  str(out)]) == 0

@@ -305,7 +305,7 @@ def check_capacity(d: Demand, capacity: int, scope: str) -> None:
             raise CapacityError(
                 f"capacity={capacity} is below the {int(per_step[worst])} experts that step {worst} of MoE layer "
                 f"{layer} needs at once ({where}): that step cannot run; use capacity >= {int(per_step[worst])}, or "
-                "run smaller steps (granularity='token', or a shorter prefill chunk)"
+                "run smaller steps (granularity token, or a shorter prefill chunk)"
             )
 
 
