@@ -58,7 +58,7 @@ def trained(files, tmp_path_factory) -> Path:
 
 
 def test_train_writes_a_loadable_model_folder(trained):
-    assert sorted(p.name for p in (trained / "model").iterdir()) == [
+    assert sorted(p.name for p in (trained / "model").iterdir()) == [".routelab-run.json",
         "config.json", "model.safetensors", "tokenizer.json", "training.json"]
     model, tokenizer = routelab.load_model(trained / "model")
     assert model.config.router == "topk" and model.config.d_model == 32 and not model.training
@@ -78,7 +78,7 @@ def test_killed_and_resumed_train_equals_uninterrupted(files, trained, tmp_path)
 
     with pytest.raises(Stop):
         run_train(cfg, out_dir=tmp_path / "cut", quiet=True, on_step=kill_at_step_6)
-    assert not (tmp_path / "cut" / "model").exists()  # no model folder from an unfinished run
+    assert not (tmp_path / "cut" / "model" / "model.safetensors").exists()  # no model from an unfinished run
     assert main(_train_args(files, tmp_path / "cut", "--resume")) == 0
     want = load_file(str(trained / "model" / "model.safetensors"))
     got = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
@@ -184,8 +184,16 @@ def test_bad_input_is_one_line_before_any_work(trained, files, tmp_path, capsys)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("mine")
-    _fails(capsys, _train_args(files, precious), "not a routelab train run")
+    _fails(capsys, _train_args(files, precious), "is not empty and is not a routelab run")
     assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+    link = tmp_path / "out-link"
+    (tmp_path / "out-link-target").mkdir()
+    (tmp_path / "out-link-target" / "model").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out-link-target" / "model").rmdir()
+    (tmp_path / "out-link-target" / "model").symlink_to(tmp_path / "elsewhere")
+    link.symlink_to(tmp_path / "out-link-target")
+    _fails(capsys, _train_args(files, link, "--overwrite"), "symbolic link")  # never writes the model through it
     _fails(capsys, _train_args(files, trained, "--resume", "--seed", "9"), "different configuration")
 
 
@@ -229,9 +237,23 @@ def test_train_killed_by_sigkill_and_resumed_equals_uninterrupted(files, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (cut / "model").exists()
+    assert not (cut / "model" / "model.safetensors").exists()
     assert main(["train", *args, "--out", str(cut), "--resume"]) == 0
     assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
     want = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
     got = load_file(str(cut / "model" / "model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_overwrite_claims_a_foreign_folder_and_a_rerun_replaces_only_its_own_files(files, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_train_args(files, out, "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model" / "model.safetensors").is_file()
+    (out / "model" / "keep.txt").write_text("mine too")  # a user's file in the model folder: the run is refused
+    assert main(_train_args(files, out, "--seed", "5")) == 2
+    (out / "model" / "keep.txt").unlink()
+    assert main(_train_args(files, out, "--seed", "5")) == 0  # a fresh run over its own earlier run
+    assert routelab.load_model(out / "model")[0].config.router == "topk"
+    assert (out / "notes.txt").read_text() == "mine"

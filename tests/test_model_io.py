@@ -133,9 +133,12 @@ def test_save_never_replaces_what_it_did_not_write(tmp_path, tokenizer):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("mine")
-    with pytest.raises(ModelFolderError, match="not a routelab model folder"):
+    with pytest.raises(ModelFolderError, match="holds notes.txt, which a model folder does not"):
         routelab.save_model(model, tokenizer, precious)
     assert (precious / "notes.txt").read_text() == "mine"
+    (precious / "notes.txt").rename(precious / "config.json")
+    with pytest.raises(ModelFolderError, match="not a routelab model folder"):
+        routelab.save_model(model, tokenizer, precious)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ModelFolderError, match="not a folder"):
         routelab.save_model(model, tokenizer, tmp_path / "file")
@@ -147,6 +150,13 @@ def test_save_never_replaces_what_it_did_not_write(tmp_path, tokenizer):
     routelab.save_model(model, tokenizer, folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "m", "precious"]
+    (folder / "mine.txt").write_text("a user's file inside a model folder is never deleted")
+    with pytest.raises(ModelFolderError, match="holds mine.txt"):
+        routelab.save_model(model, tokenizer, folder)
+    (folder / "mine.txt").unlink()
+    (folder / ".routelab-run.json").write_text('{"routelab": "run"}')  # a run's ownership marker moves over
+    routelab.save_model(model, tokenizer, folder)
+    assert (folder / ".routelab-run.json").read_text() == '{"routelab": "run"}'
     # A training dict that is not JSON fails before anything is written.
     with pytest.raises(ValueError):
         routelab.save_model(model, tokenizer, tmp_path / "n", training={"loss": float("nan")})

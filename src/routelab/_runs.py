@@ -207,6 +207,8 @@ def _nearest_existing(out: Path, flag: str) -> Path:
 
 
 def _check_writable(folder: Path, flag: str, *, creating: Path | None = None) -> None:
-    if not os.access(folder, os.W_OK | os.X_OK):
+    # effective ids: what the process may do (equal to the real ones unless a setuid program or a test lowered them)
+    effective = os.access in os.supports_effective_ids
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=effective):
         target = f" to create {creating}" if creating is not None else ""
         raise RunFolderError(f"{flag}: cannot write to {folder}{target} (permission denied or read-only)")

@@ -7,7 +7,21 @@ import importlib
 import sys
 
 # Subcommands in the order `routelab --help` lists them; each names a module of routelab.commands.
-COMMANDS = ("compare", "train", "eval", "generate", "trace", "cache-sim", "routers", "demo")
+COMMANDS = (
+    "compare",
+    "train",
+    "eval",
+    "generate",
+    "finetune",
+    "analyze",
+    "sweep",
+    "trace",
+    "cache-sim",
+    "query-eval",
+    "serve",
+    "routers",
+    "demo",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

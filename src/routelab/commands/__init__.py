@@ -12,5 +12,8 @@ import sys
 
 def fail(command: str, message: object) -> int:
     """Print one clear error line for `routelab COMMAND` and return the exit code for bad input (2)."""
-    print(f"routelab {command}: error: {message}", file=sys.stderr)
+    text = " ".join(str(message).split())  # one line, and bounded: a message may quote a user's value
+    if len(text) > 2000:
+        text = f"{text[:1960]}... ({len(text):,} characters)"
+    print(f"routelab {command}: error: {text}", file=sys.stderr)
     return 2

@@ -53,7 +53,11 @@ def _run(args: argparse.Namespace) -> int:
     from routelab._runs import RunFolderError
     from routelab.compare import ConfigError, resolve, run_compare
     from routelab.data.corpus import DataError
+    from routelab.train import distributed
 
+    if distributed.launched():  # torchrun: every rank trains every variant (DP + EP); rank 0 writes and prints
+        distributed.init()
+        args.quiet = args.quiet or not distributed.is_main()
     routers = [name.strip() for item in args.routers or [] for name in item.split(",") if name.strip()]
     if args.routers is not None and not routers:
         return fail("compare", f"--routers needs at least one router or variant name, got {' '.join(args.routers)!r}")
@@ -68,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
             file_corpus(cfg["data"]["files"])  # missing, unreadable or empty files fail here, before any training
     except (ConfigError, DataError) as exc:
         return fail("compare", exc)
-    for note in notes:
+    for note in notes if distributed.is_main() else []:
         print(f"note: {note}", file=sys.stderr)
     if args.threads < 1:
         return fail("compare", f"--threads must be >= 1, got {args.threads}")
@@ -82,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, RunFolderError) as exc:
         return fail("compare", exc)
     failed = [v for v in summary["variants"] if "error" in v]
-    for v in failed:
+    for v in failed if distributed.is_main() else []:
         print(f"variant {v['name']} failed: {v['error']}", file=sys.stderr)
     print(f"report: {out}/report.md ({summary['wall_seconds']:.0f} s)")
     return 1 if failed else 0

@@ -1,7 +1,8 @@
 """`routelab train`: train one model with compare's data pipeline and loop, and write its model folder.
 
-The run folder (--out DIR) holds `train.yaml` (the exact configuration; it marks the folder as a train run),
-`metrics.jsonl`, the training checkpoint (safetensors + JSON, written atomically every `checkpoint_every` steps) and,
+The run folder (--out DIR) follows routelab._runs' rules (a marker file, `--overwrite` for a foreign non-empty
+folder, nothing deleted that routelab did not write, no links followed) and holds `train.yaml` (the exact
+configuration), `metrics.jsonl`, the training checkpoint (safetensors + JSON, written atomically every `checkpoint_every` steps) and,
 at the end, the model folder `DIR/model/` (`routelab.load_model` reads it). `--resume` continues from the checkpoint;
 a killed and resumed run ends with the same weights as an uninterrupted one (the loop's determinism).
 
@@ -28,7 +29,7 @@ TRAIN_PRESETS = {
     "small": ("default", {}),
 }
 DEFAULT_ROUTER = {"router": "topk", "router_options": {"k": 2}, "k_schedule": None}
-RUN_MARKER = "train.yaml"
+CONFIG_FILE = "train.yaml"
 MODEL_DIR = "model"
 
 
@@ -48,6 +49,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "(default: the built-in corpus from the Python standard library)")
     parser.add_argument("--out", required=True, help="run folder; the model folder is written to OUT/model")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out that is not a routelab run (files routelab did not write "
+                        "are still never deleted)")
     parser.add_argument("--steps", type=int, help="training steps (overrides the preset)")
     parser.add_argument("--seed", type=int, help="seed (overrides the preset)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -57,11 +61,18 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate everything (config, data files, --out) before any work; errors print one line, exit 2."""
+    from routelab._runs import RunFolderError
     from routelab.compare import ConfigError
     from routelab.data.corpus import DataError
+    from routelab.models.io import ModelFolderError
 
     if args.threads < 1:
         return fail("train", f"--threads must be >= 1, got {args.threads}")
+    from routelab.train import distributed
+
+    if distributed.launched():  # torchrun: every rank validates the same way; rank 0 alone writes and prints
+        distributed.init()
+        args.quiet = args.quiet or not distributed.is_main()
     try:
         cfg = resolve_train(preset=args.preset, config_file=args.config, data_files=args.data, steps=args.steps,
                             seed=args.seed)
@@ -69,16 +80,19 @@ def run(args: argparse.Namespace) -> int:
             from routelab.data.corpus import file_corpus
 
             file_corpus(cfg["data"]["files"])  # missing, unreadable, non-UTF-8 or empty files fail here
-        check_run_dir(Path(args.out), cfg, resume=args.resume)
-    except (ConfigError, DataError) as exc:
+        check_run_dir(Path(args.out), cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, DataError, RunFolderError, ModelFolderError) as exc:
         return fail("train", exc)
     if not args.quiet:
         print(f"routelab train: preset {args.preset}, router {cfg['variants'][0]['router']}, "
               f"{cfg['train']['steps']} steps → {args.out}/{MODEL_DIR}")
     try:
-        summary = run_train(cfg, out_dir=Path(args.out), resume=args.resume, quiet=args.quiet, threads=args.threads)
-    except (ConfigError, DataError) as exc:
+        summary = run_train(cfg, out_dir=Path(args.out), resume=args.resume, overwrite=args.overwrite,
+                            quiet=args.quiet, threads=args.threads)
+    except (ConfigError, DataError, RunFolderError, ModelFolderError) as exc:
         return fail("train", exc)
+    if not distributed.is_main():
+        return 0
     print(f"model: {summary['model_dir']} (val loss {summary['final']['val_loss']:.3f}, "
           f"ppl {summary['final']['val_perplexity']:.1f}, {summary['wall_seconds']:.0f} s)")
     return 0
@@ -123,34 +137,36 @@ def resolve_train(
     return cfg
 
 
-def check_run_dir(out: Path, cfg: dict[str, Any], *, resume: bool) -> None:
-    """Raise a ConfigError unless `out` may take this run: a new or empty folder, or an earlier train run (its
-    `train.yaml` marker present); with `resume`, an earlier run of the same configuration. Nothing is written."""
+def train_layout() -> Any:
+    """What `routelab train` writes under --out (routelab._runs deletes only these, in folders it marked)."""
+    from routelab._runs import RunLayout
+    from routelab.models.io import MODEL_FILES
+    from routelab.train.checkpoint import CHECKPOINT_JSON
+
+    return RunLayout("train", {"": (CONFIG_FILE, "metrics.jsonl", CHECKPOINT_JSON, "checkpoint-*.safetensors"),
+                               MODEL_DIR: MODEL_FILES})
+
+
+def check_run_dir(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: bool = False) -> None:
+    """Raise (RunFolderError, ConfigError) unless `out` may take this run under routelab._runs' rules (a new, empty
+    or earlier `routelab train` folder; another with `overwrite`); with `resume`, an earlier run must have the same
+    configuration. Reads only."""
     import yaml
 
+    from routelab._runs import check_out
     from routelab.compare.config import ConfigError
+    from routelab.models.io import check_model_path
 
-    if out.is_symlink():
-        raise ConfigError(f"--out {out} is a symbolic link; give the folder itself")
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                what = "--out" if path == out else f"--out's parent {path}"
-                raise ConfigError(f"{what} must be a folder (existing or new), but {path} is a file")
-            break
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    marker = out / RUN_MARKER
-    if not marker.is_file() or marker.is_symlink():
-        raise ConfigError(f"--out {out} is a non-empty folder that is not a routelab train run ({RUN_MARKER} "
-                          "missing); give a new or empty folder")
-    if resume:
+    check_out(out, train_layout(), overwrite=overwrite)
+    check_model_path(out / MODEL_DIR)  # a user's file in it would stop save_model after training: refuse now
+    path = out / CONFIG_FILE
+    if resume and path.is_file():
         try:
-            previous = yaml.safe_load(marker.read_text(encoding="utf-8"))
+            previous = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"--resume: {marker} is unreadable ({exc}); start a new run in another folder") from None
+            raise ConfigError(f"--resume: {path} is unreadable ({exc}); start a new run in another folder") from None
         if previous != yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)):
-            raise ConfigError(f"--resume: {out} holds a run with a different configuration (see {marker}); "
+            raise ConfigError(f"--resume: {out} holds a run with a different configuration (see {path}); "
                               "use the same options, or another --out")
 
 
@@ -159,6 +175,7 @@ def run_train(
     *,
     out_dir: Path,
     resume: bool = False,
+    overwrite: bool = False,
     quiet: bool = False,
     threads: int | None = None,
     cache: Path | None = None,
@@ -170,9 +187,11 @@ def run_train(
     import yaml
 
     from routelab._atomic import atomic_write_text
+    from routelab._runs import claim_out
     from routelab.compare.config import model_config
     from routelab.compare.runner import json_safe, load_data
     from routelab.models.io import save_model
+    from routelab.train import distributed
     from routelab.train.loop import TrainConfig, train
 
     previous_threads = torch.get_num_threads()
@@ -180,14 +199,21 @@ def run_train(
         torch.set_num_threads(threads)
     try:
         started = time.perf_counter()
-        check_run_dir(out_dir, cfg, resume=resume)
+        check_run_dir(out_dir, cfg, resume=resume, overwrite=overwrite)
+        distributed.barrier()  # every rank has checked --out before rank 0 writes to it
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 builds (and caches) the tokenizer first
         data = load_data(cfg, cache=cache)
+        if distributed.is_main():
+            distributed.barrier()
         train_cfg = TrainConfig(**cfg["train"])
         data.check_windows(train_cfg.seq_len)
         variant = cfg["variants"][0]
         mc = model_config(cfg, variant, vocab_size=data.vocab_size)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / RUN_MARKER, yaml.safe_dump(cfg, sort_keys=False))
+        if distributed.is_main():
+            claim_out(out_dir, train_layout(), resume=resume, overwrite=overwrite)  # fresh: the earlier run's files go
+            atomic_write_text(out_dir / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
+        distributed.barrier()
         result = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc="train",
                        on_step=on_step, log=lambda message: print(message, file=sys.stderr))
         final = {k: v for k, v in result.final.items() if k not in ("load_by_domain",)}
@@ -203,8 +229,10 @@ def run_train(
             "train_seconds": result.train_seconds,
             "final": final,
         }
-        model_dir = save_model(result.model, data.tokenizer, out_dir / MODEL_DIR,
-                               training=json_safe(training))
+        model_dir = out_dir / MODEL_DIR
+        if distributed.is_main():  # result.model is consolidated (every expert) on every rank
+            model_dir = save_model(result.model, data.tokenizer, model_dir, training=json_safe(training))
+        distributed.barrier()
         return {"model_dir": str(model_dir), "final": final, "wall_seconds": time.perf_counter() - started}
     finally:
         torch.set_num_threads(previous_threads)

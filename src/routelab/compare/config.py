@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ import yaml
 
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 from routelab.routing.registry import create_router, list_routers, router_class
+from routelab._checks import INT64_MAX, short_repr
 from routelab.train.loop import TrainConfig
+from routelab.train.memory import check_training_memory
 
 PRESETS = ("smoke", "default")
 TOP_FIELDS = {"description", "data", "model", "train", "reference_k", "variants"}
@@ -28,11 +32,26 @@ DATA_FIELDS = {"source", "files", "max_chars", "vocab_size", "val_fraction"}
 PER_VARIANT = {"router", "router_options", "k_schedule", "vocab_size"}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - PER_VARIANT
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+MODEL_INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every",
+                    "shared_experts", "max_seq_len")
 VARIANT_FIELDS = {"name", "router", "options", "k_schedule"}
+# A variant name is a folder name: no "." or "..", no hidden names, short enough for every file system.
+MAX_NAME = 100
+VARIANT_NAME = rf"[A-Za-z0-9][A-Za-z0-9_.+-]{{0,{MAX_NAME - 1}}}"
+# Config files: regular files of at most MAX_CONFIG_BYTES, whose YAML expands to at most MAX_CONFIG_NODES values
+# (aliases included: a "billion laughs" file of a kilobyte expands to 10^9).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
 
 
 class ConfigError(ValueError):
-    """An invalid comparison configuration; the message names the field."""
+    """An invalid comparison configuration; the message names the field (one line, at most ~1000 characters)."""
+
+    def __init__(self, message: str) -> None:
+        message = " ".join(str(message).split())
+        if len(message) > 1000:
+            message = f"{message[:960]}... ({len(message):,} characters)"
+        super().__init__(message)
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -43,20 +62,71 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A user's YAML configuration: a regular file of at most MAX_CONFIG_BYTES whose values, aliases expanded, number
+    at most MAX_CONFIG_NODES (FIFOs, devices, huge files and alias bombs are refused before they are read or
+    expanded)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        st = os.stat(path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"config file {path} is not a regular file (a folder, device or pipe); give a YAML file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {st.st_size:,} bytes; a configuration is at most "
+                          f"{MAX_CONFIG_BYTES:,} bytes")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # the file may have grown since the stat
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is over {MAX_CONFIG_BYTES:,} bytes")
+        data = yaml.load(raw.decode("utf-8"), Loader=_BoundedLoader)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except _TooLarge:
+        raise ConfigError(f"config file {path} expands to more than {MAX_CONFIG_NODES:,} values (YAML aliases "
+                          f"nested too deep?); write the values out") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {path} must hold a mapping (data:, model:, train:, variants:), got {type(data).__name__}"
         )
     return data
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that counts the values a document expands to, each alias counting its whole subtree again."""
+
+    def construct_document(self, node):  # noqa: ANN001, ANN201
+        sizes: dict[int, int] = {}
+
+        def expanded(n) -> int:  # noqa: ANN001
+            if id(n) in sizes:
+                return sizes[id(n)]
+            sizes[id(n)] = 1  # a recursive alias counts once here; the constructor handles recursion itself
+            total = 1
+            if isinstance(n, yaml.SequenceNode):
+                total += sum(expanded(c) for c in n.value)
+            elif isinstance(n, yaml.MappingNode):
+                total += sum(expanded(k) + expanded(v) for k, v in n.value)
+            if total > MAX_CONFIG_NODES:
+                raise _TooLarge
+            sizes[id(n)] = total
+            return total
+
+        expanded(node)
+        return super().construct_document(node)
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -89,8 +159,8 @@ def resolve(
     if data_files:
         cfg["data"] = merge(cfg["data"], {"source": "files", "files": list(data_files)})
     if steps is not None:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ConfigError(f"--steps must be a positive integer, got {steps!r}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= INT64_MAX:
+            raise ConfigError(f"--steps must be a positive integer <= {INT64_MAX}, got {short_repr(steps)}")
         train = cfg["train"]
         train["steps"] = steps
         # shorten warm-up and the evaluation interval to fit; a value of the wrong type is left for validate()
@@ -99,8 +169,8 @@ def resolve(
         if _is_int(train.get("eval_every", steps)):
             train["eval_every"] = min(train.get("eval_every", steps), steps)
     if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ConfigError(f"--seed must be an integer >= 0, got {seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= INT64_MAX:
+            raise ConfigError(f"--seed must be an integer >= 0 and <= {INT64_MAX}, got {short_repr(seed)}")
         cfg["train"]["seed"] = seed
     notes = validate(cfg)
     if routers:  # only the variants asked for matter; an unregistered one among them is an error, raised below
@@ -114,10 +184,10 @@ def validate(cfg: dict[str, Any]) -> list[str]:
     removed with a note, so a preset written for routers not installed still runs with the others."""
     _check_sections(cfg)
     if not isinstance(cfg.get("description", ""), str):
-        raise ConfigError(f"description must be a string, got {cfg['description']!r}")
+        raise ConfigError(f"description must be a string, got {short_repr(cfg['description'])}")
     data = cfg["data"]
     if data.get("source", "builtin") not in ("builtin", "files"):
-        raise ConfigError(f"data.source must be 'builtin' or 'files', got {data.get('source')!r}")
+        raise ConfigError(f"data.source must be 'builtin' or 'files', got {short_repr(data.get('source'))}")
     if data.get("source") == "files":
         files = data.get("files")
         if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
@@ -126,7 +196,7 @@ def validate(cfg: dict[str, Any]) -> list[str]:
     _int("data.vocab_size", data.get("vocab_size", 4096), 257)
     vf = data.get("val_fraction", 0.1)
     if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 < vf < 1:
-        raise ConfigError(f"data.val_fraction must be a number in (0, 1), got {vf!r}")
+        raise ConfigError(f"data.val_fraction must be a number in (0, 1), got {short_repr(vf)}")
     _int("reference_k", cfg.get("reference_k", 2), 1)
     try:
         train_cfg = TrainConfig(**cfg["train"])
@@ -159,21 +229,22 @@ def validate(cfg: dict[str, Any]) -> list[str]:
         v.setdefault("name", v["router"])
         v.setdefault("options", {})
         v.setdefault("k_schedule", None)
-        if not isinstance(v["name"], str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", v["name"]):
-            raise ConfigError(f"{where}.name must be letters, digits and _ . + - only, got {v['name']!r}")
+        if not isinstance(v["name"], str) or not re.fullmatch(VARIANT_NAME, v["name"]):
+            raise ConfigError(f"{where}.name must be 1-{MAX_NAME} letters, digits and _ . + -, starting with a letter "
+                              f"or digit (it names a folder), got {short_repr(v['name'])}")
         if v["name"] in names:
             raise ConfigError(f"{where}.name {v['name']!r} is used by two variants")
         names.add(v["name"])
         if not isinstance(v["options"], dict):
-            raise ConfigError(f"{where}.options must be a mapping of router options, got {v['options']!r}")
+            raise ConfigError(f"{where}.options must be a mapping of router options, got {short_repr(v['options'])}")
         if v["k_schedule"] is not None and not isinstance(v["k_schedule"], dict):
             raise ConfigError(
                 f"{where}.k_schedule must be null or a mapping {{shape, k_max, k, match_budget}}, "
-                f"got {v['k_schedule']!r}"
+                f"got {short_repr(v['k_schedule'])}"
             )
         if v["router"] not in registered:
             notes.append(
-                f"skipping variant {v['name']!r}: router {v['router']!r} is not registered in this installation"
+                f"skipping variant {v['name']!r}: router {short_repr(v['router'])} is not registered in this installation"
             )
             continue
         check_variant(cfg, v, where)
@@ -191,6 +262,10 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
     try:
         mc = model_config(cfg, v, vocab_size=cfg["data"].get("vocab_size", 4096))
         mc.validate()
+        for name in MODEL_INT_FIELDS:
+            _int(f"model.{name}", getattr(mc, name), 0)
+        # sizes against the machine's RAM before any of them is allocated (the routers below are real)
+        check_training_memory(mc, TrainConfig(**cfg["train"]))
         per_layer = mc.per_layer_router_options()
         shared = router_class(mc.router).shared_modules(
             d_model=mc.d_model, num_experts=mc.num_experts, **mc.router_options
@@ -240,7 +315,7 @@ def _check_sections(cfg: dict[str, Any]) -> None:
     _fields("config", cfg, TOP_FIELDS)
     for section, fields in (("data", DATA_FIELDS), ("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
         if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"{section}: must be a mapping of {', '.join(sorted(fields))}, got {cfg.get(section)!r}")
+            raise ConfigError(f"{section}: must be a mapping of {', '.join(sorted(fields))}, got {short_repr(cfg.get(section))}")
         _fields(section, cfg[section], fields)
 
 
@@ -256,4 +331,6 @@ def _fields(where: str, mapping: dict[str, Any], valid: set[str]) -> None:
 
 def _int(name: str, value: Any, lo: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {lo}, got {short_repr(value)}")
+    if value > INT64_MAX:
+        raise ConfigError(f"{name} must be an integer <= {INT64_MAX} (the int64 range), got {short_repr(value)}")

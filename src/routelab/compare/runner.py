@@ -33,7 +33,7 @@ from routelab._atomic import atomic_write_text
 from routelab._runs import RunLayout, check_out, claim_out
 from routelab.train.checkpoint import CHECKPOINT_JSON
 from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
-from routelab.models.io import save_model
+from routelab.models.io import MODEL_FILES, save_model
 from routelab.models.transformer import MoETransformerLM
 
 RESULTS_FORMAT = 1
@@ -89,15 +89,20 @@ def _run_compare(
     cfg: dict[str, Any], *, out_dir: str | Path, resume: bool, overwrite: bool, quiet: bool, notes: list[str] | None,
     cache: Path | None, log: Callable[[str], None],
 ) -> dict[str, Any]:
-    from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
+    from routelab.train import distributed
 
+    main = distributed.is_main()  # under torchrun every rank trains every variant; rank 0 alone writes
     out = Path(out_dir)
     layout = compare_layout(cfg)
     check_out(out, layout, overwrite=overwrite)  # before the (slow) data loading
     if resume:
         check_resumable(out, cfg)
     started = time.perf_counter()
+    if not main:
+        distributed.barrier()  # rank 0 builds (and caches) the tokenizer first
     data = load_data(cfg, cache=cache)
+    if main:
+        distributed.barrier()
     train_cfg = TrainConfig(**cfg["train"])
     data.check_windows(train_cfg.seq_len)
     setup_seconds = time.perf_counter() - started
@@ -106,8 +111,11 @@ def _run_compare(
         sizes = ", ".join(f"{d.name} ({d.train.numel():,} train / {d.val.numel():,} val tokens)" for d in data.domains)
         log(f"data: {sizes}; "
             f"tokenizer {how} ({data.vocab_size} tokens, {setup_seconds:.1f} s)")
-    claim_out(out, layout, resume=resume, overwrite=overwrite)  # without resume: the earlier run's outputs go
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    distributed.barrier()  # every rank has checked --out before rank 0 claims it
+    if main:
+        claim_out(out, layout, resume=resume, overwrite=overwrite)  # without resume: the earlier run's outputs go
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    distributed.barrier()
 
     warm_up(cfg, data, train_cfg)
     results = []
@@ -126,7 +134,8 @@ def _run_compare(
             result = run_variant(cfg, variant, data, train_cfg, out_dir=vdir, resume=resume, quiet=quiet,
                                  desc=f"[{i + 1}/{n}] {variant['name']}", bar_position=1, log=log)
             result["variant_hash"] = vhash
-            atomic_write_text(done_path, json.dumps(result, indent=1))
+            if main:
+                atomic_write_text(done_path, json.dumps(result, indent=1))
         results.append(result)
         if overall is not None:
             overall.update(1)
@@ -152,8 +161,12 @@ def _run_compare(
         "variants": results,
     }
     summary["wall_seconds"] = time.perf_counter() - started
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
-    write_report(summary, out)
+    if main:
+        atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+        from routelab.compare.report import write_report  # matplotlib is imported only when a report is written
+
+        write_report(summary, out)
+    distributed.barrier()
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
 
@@ -167,7 +180,9 @@ VARIANT_FILES = ("result.json", "metrics.jsonl", CHECKPOINT_JSON, "checkpoint-*.
 def compare_layout(cfg: dict[str, Any]) -> RunLayout:
     """The folders and files of a comparison's --out folder."""
     folders = {"": REPORT_FILES, "variants": ()}
-    folders.update({f"variants/{v['name']}": VARIANT_FILES for v in cfg["variants"]})
+    for v in cfg["variants"]:
+        folders[f"variants/{v['name']}"] = VARIANT_FILES
+        folders[f"variants/{v['name']}/model"] = MODEL_FILES
     return RunLayout("compare", folders)
 
 
@@ -199,11 +214,12 @@ def _reusable_result(path: Path, vhash: str, *, log: Callable[[str], None]) -> d
     """The finished result at `path` when it belongs to this configuration and did not fail; else None."""
     if not path.is_file():
         return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        result = None
     name = path.parent.name
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log(f"note: {name}: {path} cannot be read ({type(exc).__name__}); retraining it")
+        return None
     if not isinstance(result, dict) or result.get("variant_hash") != vhash:
         log(f"note: {name}: the stored result was computed with a different configuration; retraining it")
         return None
@@ -226,14 +242,14 @@ def run_variant(
     try:
         run = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc=desc,
                     bar_position=bar_position, log=log)
+        save_model(run.model, data.tokenizer, out_dir / "model", training=json_safe({  # variants/<name>/model
+            "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
+            "final": {"val_loss": run.final["val_loss"], "val_loss_by_domain": run.final["val_loss_by_domain"]},
+        }))
     except Exception as exc:  # noqa: BLE001 — one broken router must not cost the others' results
         return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     model, final = run.model, run.final
-    save_model(model, data.tokenizer, out_dir / "model", training=json_safe({
-        "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
-        "final": {"val_loss": final["val_loss"], "val_loss_by_domain": final["val_loss_by_domain"]},
-    }))
     model.eval()
     causal_eval = model.causal
     model.train()

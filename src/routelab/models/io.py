@@ -15,7 +15,8 @@ against the model the config describes, and the tokenizer; any mismatch is one `
 and the problem. Nothing is unpickled: JSON and safetensors only.
 
 A folder is written into a temporary sibling and renamed into place, so a crash leaves either no folder or a
-complete one; an existing folder is replaced only when it is itself a routelab model folder.
+complete one. An existing folder is replaced only when it holds nothing but a model folder's files (and a
+`routelab._runs` ownership marker, which is carried over), so nothing a user put there is deleted.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 
 from routelab._atomic import atomic_write_bytes, atomic_write_text
+from routelab._runs import MARKER as RUN_MARKER
+from routelab._runs import TEMPORARY
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 
 MODEL_FORMAT = "routelab-model"
@@ -41,6 +44,7 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TRAINING_FILE = (
     "tokenizer.json",
     "training.json",
 )
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TRAINING_FILE)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _ALIASES_KEY = "routelab.aliases"
 _MAX_JSON_BYTES = 64 << 20
@@ -59,8 +63,8 @@ def save_model(
 ) -> Path:
     """Write `model` (an `MoETransformerLM`) and its `tokenizers.Tokenizer` as a model folder at `path`.
 
-    `training` (optional, JSON-serialisable) becomes training.json. An existing `path` is replaced only when it is
-    a routelab model folder (or an empty folder); anything else is refused. Returns the folder's path.
+    `training` (optional, JSON-serialisable) becomes training.json. An existing `path` is replaced only when it
+    holds nothing but a model folder's files (or is empty); anything else is refused. Returns the folder's path.
     """
     from safetensors.torch import save
 
@@ -69,7 +73,7 @@ def save_model(
     if not hasattr(tokenizer, "to_str"):
         raise TypeError(f"save_model expects a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
     path = Path(path)
-    _check_replaceable(path)
+    check_model_path(path)
     dtype = _model_dtype(model)
     config_text = json.dumps(
         {
@@ -234,22 +238,35 @@ def is_model_folder(path: str | os.PathLike[str]) -> bool:
     return isinstance(data, dict) and data.get("format") == MODEL_FORMAT
 
 
-def _check_replaceable(path: Path) -> None:
+def check_model_path(path: str | os.PathLike[str]) -> None:
+    """Raise a ModelFolderError unless `save_model` may write `path` (new, empty, or only a model folder's files)."""
+    path = Path(path)
     if path.is_symlink():
         raise ModelFolderError(f"{path}: is a symbolic link; refusing to write a model folder through it")
     if path.exists() and not path.is_dir():
         raise ModelFolderError(f"{path}: exists and is not a folder; refusing to replace it with a model folder")
-    if path.is_dir() and any(path.iterdir()) and not is_model_folder(path):
+    if not path.is_dir():
+        return
+    names = {entry.name for entry in os.scandir(path)}
+    others = sorted(n for n in names - set(MODEL_FILES) - {RUN_MARKER} if not TEMPORARY.fullmatch(n))
+    if others:
         raise ModelFolderError(
-            f"{path}: is a non-empty folder that is not a routelab model folder; refusing to replace it"
+            f"{path}: holds {', '.join(others[:3])}{', …' if len(others) > 3 else ''}, which a model folder does not; "
+            "refusing to replace it"
         )
+    if names & set(MODEL_FILES) and not is_model_folder(path):
+        raise ModelFolderError(f"{path}: is a non-empty folder that is not a routelab model folder; refusing to replace it")
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
     if not path.exists():
         os.replace(tmp, path)
         return
-    # An existing model folder (checked) or empty folder: move it aside, move the new one in, then delete the old.
+    # An existing model folder or empty folder (checked): a run's ownership marker moves over to the new folder
+    # (routelab._runs); the old folder is moved aside, the new one moved in, then the old one deleted.
+    marker = path / RUN_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        shutil.copyfile(marker, tmp / RUN_MARKER)
     old = path.parent / f".{path.name}.{secrets.token_hex(6)}.old"
     os.replace(path, old)
     try:

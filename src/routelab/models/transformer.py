@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from routelab._checks import short_repr
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.layers.moe import MoELayer, total_aux_loss
 from routelab.models.kv_cache import DecodeCache
@@ -110,7 +111,7 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"model.{name} must be a positive integer, got {short_repr(value)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"model.d_model={self.d_model} must be a multiple of n_heads={self.n_heads} with an even head width"
@@ -118,17 +119,17 @@ class ModelConfig:
         if self.moe_every > self.n_layers:
             raise ValueError(f"model.moe_every={self.moe_every} exceeds n_layers={self.n_layers}: no MoE layer")
         if not isinstance(self.shared_experts, int) or isinstance(self.shared_experts, bool) or self.shared_experts < 0:
-            raise ValueError(f"model.shared_experts must be an integer >= 0, got {self.shared_experts!r}")
+            raise ValueError(f"model.shared_experts must be an integer >= 0, got {short_repr(self.shared_experts)}")
         if self.dense_d_ff is not None and (
             not isinstance(self.dense_d_ff, int) or isinstance(self.dense_d_ff, bool) or self.dense_d_ff < 1
         ):
-            raise ValueError(f"model.dense_d_ff must be a positive integer or null (= d_ff), got {self.dense_d_ff!r}")
+            raise ValueError(f"model.dense_d_ff must be a positive integer or null (= d_ff), got {short_repr(self.dense_d_ff)}")
         rope = self.rope_base
         if not isinstance(rope, (int, float)) or isinstance(rope, bool) or not math.isfinite(rope) or rope <= 0:
-            raise ValueError(f"model.rope_base must be a finite number > 0, got {rope!r}")
+            raise ValueError(f"model.rope_base must be a finite number > 0, got {short_repr(rope)}")
         router_class(self.router)  # unknown name → ValueError listing the valid ones
         if not isinstance(self.router_options, dict):
-            raise ValueError(f"router options must be a mapping, got {self.router_options!r}")
+            raise ValueError(f"router options must be a mapping, got {short_repr(self.router_options)}")
 
 
 class RMSNorm(nn.Module):

@@ -92,10 +92,14 @@ def top_k_choices(probs_TE: Tensor, k: int, real_T: Tensor, *, renormalize: bool
     return flatten_choices(expert_TK, weight_TK, real_T[:, None].expand(T, k))
 
 
-def switch_aux_losses(coef: float, probs_TE: Tensor, expert_S: Tensor, real_T: Tensor) -> dict[str, Tensor]:
+def switch_aux_losses(
+    coef: float, probs_TE: Tensor, expert_S: Tensor, real_T: Tensor, router=None
+) -> dict[str, Tensor]:
     """{"aux": coef · Switch balance loss} over the real tokens' probs_TE [T, E] and the load of expert_S [S];
-    {} when coef is 0."""
+    {} when coef is 0. With `router` given, the load is summed over its statistics group (global f, local P)."""
     if coef <= 0:
         return {}
     load_E = torch.bincount(expert_S, minlength=probs_TE.shape[-1])
+    if router is not None:
+        load_E = router.sum_over_group(load_E)
     return {"aux": coef * switch_balance_loss(probs_TE[real_T], load_E)}

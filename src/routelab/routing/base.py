@@ -193,6 +193,9 @@ class Router(nn.Module):
     """
 
     causal: ClassVar[bool] | bool = True
+    # A torch.distributed process group whose ranks see different tokens of one step (expert or data parallel),
+    # set by `routelab.distributed.expert_parallel`; None: statistics are this process's own.
+    statistics_group: Any = None
 
     def __init__(self, *, d_model: int, num_experts: int) -> None:
         super().__init__()
@@ -223,6 +226,17 @@ class Router(nn.Module):
             if buf is not None and buf.dtype in (torch.bfloat16, torch.float16) and before.get(name) != buf.dtype:
                 self._buffers[name] = buf.to(before[name])
         return self
+
+    def sum_over_group(self, t: Tensor) -> Tensor:
+        """t summed over `statistics_group` (a new tensor; t itself without a group). A collective: every rank of
+        the group calls it at the same point, which the routers guarantee by calling it unconditionally."""
+        if self.statistics_group is None:
+            return t
+        import torch.distributed as dist  # only reached under torch.distributed
+
+        out = t.detach().clone()
+        dist.all_reduce(out, group=self.statistics_group)
+        return out
 
     def gate_rows(self) -> Tensor | None:
         """[E, D]: the rows of a linear gate that score the E routed experts (a capability: the ERC loss couples them

@@ -132,6 +132,15 @@ class KMeansRouter(Router):
 
     @torch.no_grad()
     def apply_updates(self) -> None:
+        if self.statistics_group is not None:
+            # Global: sums and counts over every rank's tokens; the sample rows are the group's first rank's.
+            import torch.distributed as dist
+
+            self._pending_sum.copy_(self.sum_over_group(self._pending_sum))
+            self._pending_count.copy_(self.sum_over_group(self._pending_count))
+            src = dist.get_global_rank(self.statistics_group, 0)
+            dist.broadcast(self._sample, src=src, group=self.statistics_group)
+            dist.broadcast(self._sample_count, src=src, group=self.statistics_group)
         n = int(self._sample_count)
         if not bool(self.initialized):
             if n > 0:

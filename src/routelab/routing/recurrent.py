@@ -116,7 +116,7 @@ class RecurrentRouter(Router):
         probs_TE = logits_TE.softmax(-1)
         real_T = real_mask(ctx, T, x_TD.device)
         token_S, expert_S, weight_S = top_k_choices(probs_TE, k, real_T, renormalize=self.normalize == "selected")
-        aux_losses = switch_aux_losses(self.aux_loss_coef, probs_TE, expert_S, real_T)
+        aux_losses = switch_aux_losses(self.aux_loss_coef, probs_TE, expert_S, real_T, self)
         return RoutingDecision(
             token_index=token_S,
             expert_index=expert_S,

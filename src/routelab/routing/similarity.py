@@ -103,7 +103,7 @@ class SimilarityRouter(Router):
         mixed_TE = self.mix(mix_BLS, probs_BSE).reshape(T, E)
 
         token_S, expert_S, weight_S = top_k_choices(mixed_TE, k, real_T, renormalize=k > 1)
-        aux_losses = switch_aux_losses(self.aux_loss_coef, mixed_TE, expert_S, real_T)
+        aux_losses = switch_aux_losses(self.aux_loss_coef, mixed_TE, expert_S, real_T, self)
         return RoutingDecision(
             token_index=token_S,
             expert_index=expert_S,

@@ -156,7 +156,7 @@ class TopPRouter(Router):
 
         aux_losses: dict[str, Tensor] = {}
         if self.aux_loss_coef > 0:
-            aux_losses["aux"] = self.aux_loss_coef * switch_balance_loss(probs_TN[real_T], load_N)
+            aux_losses["aux"] = self.aux_loss_coef * switch_balance_loss(probs_TN[real_T], self.sum_over_group(load_N))
         if self.dyn_loss_coef > 0:
             ent_T = entropy(probs_TN[real_T], self.entropy, self.tsallis_q)
             aux_losses["dyn"] = self.dyn_loss_coef * (ent_T.mean() if ent_T.numel() else ent_T.sum())

@@ -204,7 +204,9 @@ class TopKRouter(Router):
                 probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
             # "per_slot" normalises the load by tokens, not assignments: Σ f = k, so k times the Switch loss.
             form_scale = k if self.aux_loss_form == "per_slot" else 1
-            aux_losses["aux"] = self.aux_loss_coef * form_scale * switch_balance_loss(probs_TE, load_E)
+            # Under a statistics group f counts every rank's assignments (global); P is this rank's tokens'.
+            global_load_E = self.sum_over_group(load_E)
+            aux_losses["aux"] = self.aux_loss_coef * form_scale * switch_balance_loss(probs_TE, global_load_E)
         if self.z_loss_coef > 0:
             real_logits_TE = logits_TE if real_T is None else logits_TE[real_T]
             aux_losses["z"] = self.z_loss_coef * router_z_loss(real_logits_TE)
@@ -237,6 +239,10 @@ class TopKRouter(Router):
 
     def select(self, scores_TE: Tensor) -> Tensor:
         """LongTensor [T, k]: the selected experts, from unbiased scores plus the selection bias and groups."""
+        return top_indices(self.selection_scores(scores_TE), self.k)
+
+    def selection_scores(self, scores_TE: Tensor) -> Tensor:
+        """[T, E]: what `select` ranks by — the scores plus the selection bias, −inf outside the kept groups."""
         choice_TE = scores_TE
         if self.balance == "loss_free":
             choice_TE = choice_TE + self.expert_bias.to(choice_TE.dtype)
@@ -253,7 +259,7 @@ class TopKRouter(Router):
             keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, kept_TG, True)
             # Masked experts are excluded with -inf, never 0: biased scores can be negative, and a zero would win.
             choice_TE = grouped_TGX.masked_fill(~keep_TG[..., None], float("-inf")).view(T, self.num_experts)
-        return top_indices(choice_TE, self.k)
+        return choice_TE
 
     # -- balancing state ----------------------------------------------------------------------------------------
 
@@ -300,14 +306,16 @@ class TopKRouter(Router):
     @torch.no_grad()
     def apply_updates(self) -> None:
         if self.balance == "loss_free":
-            load_E = self._pending_load
+            load_E = self.sum_over_group(self._pending_load)  # every rank takes the same step
             if load_E.sum() > 0:
                 step_E = torch.sign(load_E.mean() - load_E) * self.bias_update_rate
                 self.expert_bias += step_E.to(self.expert_bias.dtype)
-            load_E.zero_()
+            self._pending_load.zero_()
         elif self.balance == "bip":
-            if self._pending_count > 0:
-                self.bip_dual.copy_((self._pending_dual / self._pending_count).to(self.bip_dual.dtype))
+            # Under a statistics group: the mean of every rank's per-batch duals (each rank solves its own batch).
+            dual_E, count = self.sum_over_group(self._pending_dual), self.sum_over_group(self._pending_count)
+            if count > 0:
+                self.bip_dual.copy_((dual_E / count).to(self.bip_dual.dtype))
             self._pending_dual.zero_()
             self._pending_count.zero_()
 

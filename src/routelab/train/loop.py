@@ -21,11 +21,21 @@ import torch
 from torch import nn
 
 from routelab._atomic import atomic_write_text
+from routelab._runs import remove_stale_temporaries
+from routelab._checks import check_int, short_repr
 from routelab.data.dataset import TokenData
 from routelab.layers.moe import total_aux_loss
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 from routelab.routing.base import update_routers
-from routelab.train.checkpoint import CHECKPOINT_JSON, has_checkpoint, load_checkpoint, save_checkpoint
+from routelab.train import distributed
+from routelab.train.checkpoint import (
+    CHECKPOINT_JSON,
+    CheckpointError,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from routelab.train.memory import check_training_memory
 
 
 @dataclass(frozen=True)
@@ -54,15 +64,18 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"train.{name} must be a positive integer, got {short_repr(value)}")
         for name in ("warmup", "checkpoint_every", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"train.{name} must be an integer >= 0, got {value!r}")
+                raise ValueError(f"train.{name} must be an integer >= 0, got {short_repr(value)}")
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "eval_batch_size", "warmup",
+                     "checkpoint_every", "seed"):
+            check_int(f"train.{name}", getattr(self, name), 0)  # the int64 bound
         for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "beta1", "beta2"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {short_repr(value)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
         for name in ("beta1", "beta2"):
@@ -119,6 +132,11 @@ def train(
     """
     cfg.validate()
     data.check_windows(cfg.seq_len)
+    model_config.validate()
+    check_training_memory(model_config, cfg)  # absurd sizes are refused before anything allocates them
+    run = distributed.setup()  # None in one process; under torchrun: DP for replicated parameters, EP for experts
+    if run is not None and cfg.batch_size % run.world_size:
+        raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the {run.world_size} processes")
     torch.manual_seed(cfg.seed)
     model = MoETransformerLM(model_config)
     optimizer = make_optimizer(model, cfg)
@@ -127,25 +145,38 @@ def train(
     val_curve: list[dict[str, Any]] = []
     start, train_seconds = 0, 0.0
     metrics_path = None if out_dir is None else Path(out_dir) / "metrics.jsonl"
+    metrics_out = metrics_path if distributed.is_main() else None  # under torchrun only rank 0 writes
     config_hash = run_config_hash(model_config, cfg, data)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            remove_stale_temporaries(out_dir)  # left by a kill between writing a file and renaming it
         if resume and has_checkpoint(Path(out_dir)):
             saved = checkpoint_config_hash(Path(out_dir))
             if saved == config_hash:
-                meta = load_checkpoint(Path(out_dir), model=model, optimizer=optimizer)
-                start, train_seconds = meta["step"], meta["extra"]["train_seconds"]
-                train_curve, val_curve = _read_metrics(metrics_path, upto=start)
+                try:
+                    meta = load_checkpoint(Path(out_dir), model=model, optimizer=optimizer)
+                    start, train_seconds = meta["step"], meta["extra"]["train_seconds"]
+                    train_curve, val_curve = _read_metrics(metrics_path, upto=start)
+                except (CheckpointError, MetricsError, KeyError, TypeError) as exc:
+                    # a corrupt file must not fail the run on every resume: it is treated as absent
+                    log(f"note: {desc}: {exc}; treating the checkpoint as absent and training from step 0")
+                    torch.manual_seed(cfg.seed)
+                    model = MoETransformerLM(model_config)
+                    optimizer = make_optimizer(model, cfg)
+                    start, train_seconds, train_curve, val_curve = 0, 0.0, [], []
             else:
                 log(f"note: {desc}: the checkpoint in {out_dir} was written for a different configuration; "
                     f"training from step 0")
-        _write_metrics(metrics_path, train_curve, val_curve)  # drops records after the checkpoint's step
+        _write_metrics(metrics_out, train_curve, val_curve)  # drops records after the checkpoint's step
+    if run is not None:  # after a resume, which loaded the full (consolidated) checkpoint
+        optimizer = run.shard(model, optimizer, lambda m: make_optimizer(m, cfg))
 
     if start == 0 and not val_curve:  # the loss before training, so every curve starts from the same point
         val_curve.append(_eval_record(model, val_sets, cfg, step=0))
-        _append_metrics(metrics_path, val_curve[-1:])
+        _append_metrics(metrics_out, val_curve[-1:])
     saved_step = start if start else None  # the step of the checkpoint on disk, for the message on a NaN loss
-    bar = _progress(cfg.steps, start, desc, progress, bar_position)
+    bar = _progress(cfg.steps, start, desc, progress and distributed.is_main(), bar_position)
     model.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -153,9 +184,12 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = data.batch(step, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
+        if run is not None:
+            inputs, targets = run.rank_batch(inputs, targets)
         try:
             _, loss = model(inputs, targets, step=step)
-            loss_value = loss.item()
+            # Under torchrun the global loss: a non-finite loss on any rank stops every rank at the same step.
+            loss_value = (loss if run is None else run.mean(loss)).item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"the training loss is {loss_value}")
         except FloatingPointError as exc:  # stop before the step, so weights and router state stay as they were
@@ -163,9 +197,16 @@ def train(
                                      f"applying the step; {_last_good(out_dir, saved_step)}") from None
         aux = total_aux_loss(model).detach()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if run is None:
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            (loss / run.world_size).backward()  # this rank's share of the global loss
+            run.sync_grads(model)
+            if cfg.grad_clip > 0:
+                run.clip_grad_norm(model, cfg.grad_clip)
+            aux = run.mean(aux)
         optimizer.step()
         update_routers(model)
         seconds = time.perf_counter() - t0
@@ -178,20 +219,26 @@ def train(
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val_curve.append(_eval_record(model, val_sets, cfg, step=done))
             new_records.append(val_curve[-1])
-        _append_metrics(metrics_path, new_records)
+        _append_metrics(metrics_out, new_records)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_curve[-1]['val_loss']:.3f}" if val_curve else "-")
             bar.update(1)
         if out_dir is not None and (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(Path(out_dir), model=model, optimizer=optimizer, step=done,
-                            extra={"train_seconds": train_seconds, "train_config": asdict(cfg),
-                                   "config_hash": config_hash})
+            model_state, optimizer_state = run.full_state(model, optimizer) if run is not None else (None, None)
+            if distributed.is_main():
+                save_checkpoint(Path(out_dir), model=model, optimizer=optimizer, step=done,
+                                extra={"train_seconds": train_seconds, "train_config": asdict(cfg),
+                                       "config_hash": config_hash},
+                                model_state=model_state, optimizer_state=optimizer_state)
+            distributed.barrier()
             saved_step = done
         if on_step is not None:
             on_step(done, record)
     if bar is not None:
         bar.close()
     final = evaluate(model, val_sets, batch_size=cfg.eval_batch_size, step=cfg.steps, stats=True)
+    if run is not None:  # hand back the consolidated model: every expert, loadable in one process
+        model = run.consolidated(model, MoETransformerLM(model_config))
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
     return TrainResult(model, train_curve, val_curve, final, train_seconds, tokens)
 
@@ -342,18 +389,28 @@ def _write_metrics(path: Path | None, train_curve: list, val_curve: list) -> Non
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+class MetricsError(ValueError):
+    """A metrics.jsonl that cannot be read back; the message names the file and the line."""
+
+
 def _read_metrics(path: Path, *, upto: int) -> tuple[list, list]:
     train_curve, val_curve = [], []
     if not path.is_file():
         return train_curve, val_curve
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetricsError(f"metrics file {path} cannot be read ({exc})") from None
     for i, line in enumerate(lines):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+            step, kind = record["step"], record["kind"]
+            if not isinstance(step, int) or kind not in ("train", "eval"):
+                raise ValueError("no step/kind")
+        except (ValueError, KeyError, TypeError):
             if i == len(lines) - 1:  # a record cut short by a kill mid-append (files from older versions)
                 break
-            raise
-        if record["step"] <= upto:
-            (train_curve if record["kind"] == "train" else val_curve).append(record)
+            raise MetricsError(f"metrics file {path} has a corrupt record on line {i + 1}") from None
+        if step <= upto:
+            (train_curve if kind == "train" else val_curve).append(record)
     return train_curve, val_curve
