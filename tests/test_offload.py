@@ -262,9 +262,10 @@ def test_cli_trace_cache_sim_and_offloaded_generate(tmp_path, capsys):
     assert main(["cache-sim", str(trace_path), "--capacity", "2,4,8", "--granularity", "token", "--out",
                  str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| belady | 4 |" in printed and "| pregated | 2 |" in printed
+    assert "| belady | 4 |" in printed and "| pregated | 2 |" in printed and "SRP(16)" in printed
     result = json.loads((out / "cache_sim.json").read_text())
     assert {r["policy"] for r in result["results"]} == {"lru", "lfu", "arc", "belady", "pregated"}
+    assert [row["layer"] for row in result["local_consistency"]] == [0, 1, 2]
     assert (out / "hit_rate.png").read_bytes()[:4] == b"\x89PNG"
     # errors: one line, exit 2; nothing of the user's is overwritten
     precious = tmp_path / "precious.safetensors"
