@@ -296,3 +296,17 @@ def test_cli_trace_cache_sim_and_offloaded_generate(tmp_path, capsys):
     assert main(["generate", str(folder), "--prompt", "x", "--offload", "--store", str(tmp_path / "experts")]) == 2
     err = capsys.readouterr().err
     assert "below the 2 experts" in err and "need --offload" in err and "not empty" in err
+
+
+def test_a_forward_with_gradients_takes_the_differentiable_path(tmp_path):
+    model, resident = twin_models()
+    offload_experts(model, tmp_path / "s", capacity=8)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    logits, _ = model(ids)
+    want, _ = resident(ids)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
+    logits.sum().backward()  # reaches the routers and attention through the offloaded experts
+    grad = model.moe_layers[0].router.gate.weight.grad
+    resident_logits, _ = resident(ids)
+    resident_logits.sum().backward()
+    torch.testing.assert_close(grad, resident.moe_layers[0].router.gate.weight.grad, rtol=1e-4, atol=1e-6)

@@ -23,7 +23,9 @@ not overlap them with compute; the simulator's stall model says what overlap wou
 run's trace in advance (`trace=`, recorded from the same model and inputs), and refuses a trace of another model or
 a run that departs from it.
 
-Inference only: the offloaded banks hold no parameters, so nothing trains them.
+Inference only: the offloaded banks hold no parameters, so nothing trains them. Outputs are bit-identical under
+`torch.no_grad()` (as `generate` runs); a forward that records gradients (for the input or the routing weights)
+takes the generic differentiable path, equal to the resident outputs up to rounding.
 """
 
 from __future__ import annotations
@@ -356,6 +358,11 @@ class OffloadDispatcher(LocalDispatcher):
     def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
         if not isinstance(experts, OffloadedExperts):
             return super().fused(x_TD, decision, experts)
+        if torch.is_grad_enabled() and (x_TD.requires_grad or decision.weight.requires_grad):
+            # The fused kernel's autograd saves whole [E, ...] banks, which an offloaded bank does not have: take the
+            # differentiable generic path (equal to the resident outputs up to rounding, not bit for bit).
+            rows_SD, counts_E, plan = self.dispatch(x_TD, decision)
+            return self.combine(experts(rows_SD, counts_E), plan)
         E, D, F_ = experts.num_experts, experts.d_model, experts.d_ff
         executor, layer = experts.executor, experts.layer_index
         gathered = decision.num_assignments * D * 3 * F_
