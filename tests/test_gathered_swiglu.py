@@ -56,8 +56,11 @@ def test_layer_takes_the_fast_path_only_for_a_few_assignments_without_grad(monke
         slow = layer(x)
         assert calls == [6]
         layer.dispatcher = LocalDispatcher()
-        big = torch.randn(4096, 16)
-        layer(big)  # 8192 assignments · 3·16·24 weights gathered would exceed DECODE_MAX_GATHERED
+        layer(torch.randn(40, 16))  # 80 assignments: more than DECODE_MAX_ASSIGNMENTS
+        assert calls == [6]
+    wide = routelab.MoELayer(512, 1024, routelab.create_router("topk", d_model=512, num_experts=4, k=2))
+    with torch.no_grad():
+        wide(torch.randn(3, 512))  # 6 assignments, but 6·3·512·1024 weights gathered exceed DECODE_MAX_GATHERED
         assert calls == [6]
     torch.testing.assert_close(fast, with_grad.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)

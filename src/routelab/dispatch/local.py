@@ -15,8 +15,10 @@ from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.routing.base import RoutingDecision
 
 
-# The tiny-S inference path gathers each assignment's expert weights: at most this many elements (16 MiB in fp32),
-# so it serves decoding and never a large batch or large experts.
+# The tiny-S inference path serves decoding (S = batch·k assignments) and never a training-size batch or large
+# experts: at most this many assignments, and at most this many expert-weight elements gathered (16 MiB in fp32).
+# It agrees with the sort-based kernel to rounding, not bit for bit (tests/test_gathered_swiglu.py).
+DECODE_MAX_ASSIGNMENTS = 64
 DECODE_MAX_GATHERED = 1 << 22
 
 
@@ -28,7 +30,8 @@ class LocalDispatcher(Dispatcher):
     `dispatch/routed_swiglu.py`, which gathers, computes and combines one expert group at a time without ever
     holding an [S, D] tensor (benchmarks/layer.py measures it). Inference forwards with a few assignments (decoding:
     S = batch·k) take `dispatch/gathered_swiglu.py` instead — no sort, no per-expert loop, no host sync — while the
-    expert weights they gather stay under `DECODE_MAX_GATHERED` elements (benchmarks/decode.py measures it).
+    assignments stay under `DECODE_MAX_ASSIGNMENTS` and the expert weights they gather under `DECODE_MAX_GATHERED`
+    elements (benchmarks/decode.py measures it).
 
     decode_fast_path: False sends those forwards through the sort-based kernel too.
     """
@@ -52,7 +55,8 @@ class LocalDispatcher(Dispatcher):
         w_gate_up_ED2F, w_down_EFD = experts.swiglu_weights()
         _, D, F2 = w_gate_up_ED2F.shape
         gathered = decision.num_assignments * D * (F2 + F2 // 2)  # weight elements the tiny-S path would copy
-        if self.decode_fast_path and not torch.is_grad_enabled() and gathered <= DECODE_MAX_GATHERED:
+        few = decision.num_assignments <= DECODE_MAX_ASSIGNMENTS and gathered <= DECODE_MAX_GATHERED
+        if self.decode_fast_path and few and not torch.is_grad_enabled():
             return gathered_swiglu(x_TD, decision.token_index, decision.expert_index, decision.weight, w_gate_up_ED2F,
                                    w_down_EFD)
         plan = make_plan(decision)
