@@ -310,3 +310,13 @@ def test_a_forward_with_gradients_takes_the_differentiable_path(tmp_path):
     resident_logits, _ = resident(ids)
     resident_logits.sum().backward()
     torch.testing.assert_close(grad, resident.moe_layers[0].router.gate.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_prefill_bit_identical_where_the_resident_kernel_choice_matters(tmp_path):
+    # 80 assignments of 64-wide experts: past the tiny-S kernel's assignment limit, within its weight budget; the
+    # offloaded bank must make the resident dispatcher's choice (LocalDispatcher.takes_decode_path) to stay exact.
+    model, resident = twin_models(sizes=dict(d_model=64, d_ff=64, n_layers=2))
+    offload_experts(model, tmp_path / "s", capacity=8)
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids)[0], resident(ids)[0])

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from routelab._atomic import atomic_write_bytes, atomic_write_text
 from routelab._checks import check_bool, check_choice, check_int
 from routelab.dispatch.gathered_swiglu import gathered_swiglu
-from routelab.dispatch.local import DECODE_MAX_GATHERED, LocalDispatcher
+from routelab.dispatch.local import LocalDispatcher
 from routelab.dispatch.permute import make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.experts.base import ExpertBank, ExpertFn
@@ -365,11 +365,10 @@ class OffloadDispatcher(LocalDispatcher):
             return self.combine(experts(rows_SD, counts_E), plan)
         E, D, F_ = experts.num_experts, experts.d_model, experts.d_ff
         executor, layer = experts.executor, experts.layer_index
-        gathered = decision.num_assignments * D * 3 * F_
         try:
             # NOTE: the same choice of kernel as LocalDispatcher.fused makes for the resident bank, so the arithmetic,
             # and the outputs, are the resident model's.
-            if self.decode_fast_path and not torch.is_grad_enabled() and gathered <= DECODE_MAX_GATHERED:
+            if self.takes_decode_path(decision.num_assignments, D, F_):
                 needed = torch.unique(decision.expert_index).tolist()
                 weights = executor.step(layer, needed)
                 local_E = torch.zeros(E, dtype=torch.long, device=x_TD.device)
