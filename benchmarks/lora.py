@@ -9,7 +9,10 @@ with the order rotated each round, and each ratio is the median over rounds of (
 that round), which cancels slow drifts in machine load; beside it, the same median ratio of process CPU time, less
 sensitive to waiting for a core on a shared machine (with several threads it also counts their spin-waits).
 Reference rows: PEFT's own LoRA linear of the same rank (how users run plain LoRA), and the stacked mixture with a
-routing decision computed once outside the timing (no router forward or backward: the router's share of the cost).
+routing decision computed once outside the timing (no router forward or backward: the router's share of the cost);
+before/after rows on the same adapter: "unfused gate" (the router computes its own logits with a separate matmul,
+instead of in the down-projection's) and "before" (that, plus the pre-optimisation dense gate via
+index_put(accumulate=True) and the rank masking as a plain autograd product).
 Also reported: the same ratios for the adapter alone (no base matmul), and a sweep over E at fixed k·r to place the
 "auto" crossover between the stacked and grouped forms.
 Results go to benchmarks/results/lora.json (benchmarks/results/lora-<threads>t.json with --threads other than 2).
