@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from routelab.dispatch.base import Dispatcher
 from routelab.dispatch.gathered_swiglu import gathered_swiglu
+from routelab.dispatch.grouped_swiglu import grouped_mm_available, grouped_swiglu
 from routelab.dispatch.permute import DispatchPlan, combine, make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.routing.base import RoutingDecision
@@ -20,6 +21,10 @@ from routelab.routing.base import RoutingDecision
 # It agrees with the sort-based kernel to rounding, not bit for bit (tests/test_gathered_swiglu.py).
 DECODE_MAX_ASSIGNMENTS = 64
 DECODE_MAX_GATHERED = 1 << 22
+# Inference forwards with at most this many assignments per expert on average (fp32, where torch has a grouped
+# matmul) take `dispatch/grouped_swiglu.py`: no per-expert loop, no host sync. Above it the loop of
+# `routed_swiglu` wins (measured at E=64 and 128, k=8, d=512: the crossover lies between 8 and 16 rows per expert).
+GROUPED_MAX_ROWS_PER_EXPERT = 12
 
 
 class LocalDispatcher(Dispatcher):
@@ -28,12 +33,15 @@ class LocalDispatcher(Dispatcher):
     dispatch: sort the assignments by expert (stable) and gather their rows; combine: weighted scatter-add.
     Fast path: a bank whose `swiglu_weights()` gives its weights (plain SwiGLU experts) runs through
     `dispatch/routed_swiglu.py`, which gathers, computes and combines one expert group at a time without ever
-    holding an [S, D] tensor (benchmarks/layer.py measures it). Inference forwards with a few assignments (decoding:
-    S = batch·k) take `dispatch/gathered_swiglu.py` instead — no sort, no per-expert loop, no host sync — while the
-    assignments stay under `DECODE_MAX_ASSIGNMENTS` and the expert weights they gather under `DECODE_MAX_GATHERED`
-    elements (benchmarks/decode.py measures it).
+    holding an [S, D] tensor (benchmarks/layer.py measures it). Inference forwards in fp32 with few rows per
+    expert (decoding, small batches: at most `GROUPED_MAX_ROWS_PER_EXPERT` on average) take
+    `dispatch/grouped_swiglu.py` — two grouped matmuls, no per-expert loop, no host sync — where torch has a grouped
+    matmul; elsewhere forwards with a few assignments (S = batch·k) take `dispatch/gathered_swiglu.py` — no sort,
+    no per-expert loop, no host sync — while the assignments stay under `DECODE_MAX_ASSIGNMENTS` and the expert
+    weights they gather under `DECODE_MAX_GATHERED` elements (benchmarks/decode.py, benchmarks/layer.py measure
+    them).
 
-    decode_fast_path: False sends those forwards through the sort-based kernel too.
+    decode_fast_path: False sends those forwards through the sort-based loop kernel too.
     """
 
     def __init__(self, *, decode_fast_path: bool = True) -> None:
@@ -53,13 +61,21 @@ class LocalDispatcher(Dispatcher):
 
     def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
         w_gate_up_ED2F, w_down_EFD = experts.swiglu_weights()
-        _, D, F2 = w_gate_up_ED2F.shape
-        gathered = decision.num_assignments * D * (F2 + F2 // 2)  # weight elements the tiny-S path would copy
-        few = decision.num_assignments <= DECODE_MAX_ASSIGNMENTS and gathered <= DECODE_MAX_GATHERED
-        if self.decode_fast_path and few and not torch.is_grad_enabled():
+        E, D, F2 = w_gate_up_ED2F.shape
+        S = decision.num_assignments
+        inference = self.decode_fast_path and not torch.is_grad_enabled()
+        if inference and S <= GROUPED_MAX_ROWS_PER_EXPERT * E and _grouped_ok(x_TD, w_gate_up_ED2F, w_down_EFD):
+            plan = make_plan(decision)
+            return grouped_swiglu(x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E, w_gate_up_ED2F, w_down_EFD)
+        gathered = S * D * (F2 + F2 // 2)  # weight elements the tiny-S path would copy
+        if inference and S <= DECODE_MAX_ASSIGNMENTS and gathered <= DECODE_MAX_GATHERED:
             return gathered_swiglu(x_TD, decision.token_index, decision.expert_index, decision.weight, w_gate_up_ED2F,
                                    w_down_EFD)
         plan = make_plan(decision)
         return routed_swiglu(
             x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E.tolist(), w_gate_up_ED2F, w_down_EFD
         )
+
+
+def _grouped_ok(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors) and grouped_mm_available(tensors[0].device.type)
