@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import routelab
 from routelab.routing.base import RoutingContext, RoutingDecision
+from zoo_cases import CASES, D, IDS, make_ctx, make_routers
 
 
 def batch_with_a_bad_row(T=24, D=16, bad=7, value=float("nan"), seed=0):
@@ -166,3 +167,40 @@ def test_training_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(
     meta = json.loads((out / "checkpoint.json").read_text())
     assert meta["step"] == 2
     assert all(torch.isfinite(t).all() for t in load_file(out / meta["weights"]).values())
+
+
+# -- every registered router ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_no_router_keeps_a_non_finite_statistic_or_leaks_a_later_nan(name, options):
+    """Checklist item 25 over the whole zoo: a training forward with one NaN token (refused or not), then
+    update_routers, leaves every floating buffer finite; and in a causal router a NaN padded token after position
+    `cut` changes nothing before it."""
+    torch.manual_seed(1)
+    (router,) = make_routers(name, options, 1)
+    router.train()
+    x = torch.randn(2, 6, D)
+    x[1, 3, 0] = float("nan")
+    try:
+        router(x.reshape(-1, D), make_ctx(2, 6).replace(batch_shape=(2, 6)))
+    except FloatingPointError:
+        pass  # the decision refuses NaN weights; the statistics gathered before must still be clean
+    routelab.update_routers(router)
+    for key, buf in router.named_buffers():
+        if buf.is_floating_point():
+            assert torch.isfinite(buf).all(), f"{name}: buffer {key} holds a non-finite value"
+
+    if not router.causal:
+        return
+    router.eval()
+    cut, L = 4, 7
+    clean = torch.randn(1, L, D)
+    poisoned = clean.clone()
+    poisoned[0, cut] = float("nan")
+    pad = torch.zeros(1, L, dtype=torch.bool)
+    pad[0, cut] = True
+    ctx = make_ctx(1, L, padding_mask=pad).replace(batch_shape=(1, L))
+    a, b = router(clean.reshape(-1, D), ctx), router(poisoned.reshape(-1, D), ctx)
+    keep_a, keep_b = a.token_index < cut, b.token_index < cut
+    assert torch.equal(a.expert_index[keep_a], b.expert_index[keep_b]), name
+    torch.testing.assert_close(a.weight[keep_a], b.weight[keep_b], rtol=0, atol=1e-7)

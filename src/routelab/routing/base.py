@@ -271,15 +271,14 @@ def router_dtype(x: Tensor) -> torch.dtype:
 
 
 def _check_assignments(token_S: Tensor, num_tokens: int, expert_S: Tensor, num_experts: int, weight_S: Tensor) -> None:
-    """Indices in range and weights finite and >= 0, with one host sync: this runs on every forward."""
-    # float64 holds every index below 2^53 exactly, and min/max propagate NaN, so six numbers say it all. Three
-    # aminmax reductions, eight small kernels in all: this runs per layer per decoded token, where each one counts.
-    index_4 = torch.stack((*torch.aminmax(token_S), *torch.aminmax(expert_S)))
-    weight_2 = torch.stack(torch.aminmax(weight_S.detach()))
-    t_lo, t_hi, e_lo, e_hi, w_lo, w_hi = torch.cat((index_4.to(torch.float64), weight_2.to(torch.float64))).tolist()
+    """Indices in range and weights finite and >= 0. This runs on every forward: three min/max passes and two host
+    syncs (benchmarks/decision_checks.py: about the cost of the index checks alone before)."""
+    t, e, w = torch.aminmax(token_S), torch.aminmax(expert_S), torch.aminmax(weight_S.detach())
+    t_lo, t_hi, e_lo, e_hi = torch.stack([t.min, t.max, e.min, e.max]).tolist()
+    w_lo, w_hi = torch.stack([w.min, w.max]).tolist()  # min/max propagate NaN
     for name, lo, hi, upper in (("token_index", t_lo, t_hi, num_tokens), ("expert_index", e_lo, e_hi, num_experts)):
         if lo < 0 or hi >= upper:
-            raise ValueError(f"RoutingDecision.{name} must lie in [0, {upper}), got values in [{int(lo)}, {int(hi)}]")
+            raise ValueError(f"RoutingDecision.{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
     if not (w_lo >= 0 and w_hi < math.inf):  # NaN fails both comparisons
         if w_lo < 0:
             raise ValueError(f"RoutingDecision.weight must be >= 0, got negative weights (values in [{w_lo}, {w_hi}])")
