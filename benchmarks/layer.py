@@ -18,7 +18,8 @@ Decode shapes (forward only, no_grad): T ∈ DECODE_TOKENS tokens, E=64, k=8, d_
 path its dispatcher picks) and the same layer with `decode_fast_path=False` (the sort-based per-expert loop) against
 the bandwidth floor — the bytes of the experts the batch touches (3·D·d_ff fp32 weights each) divided by the streaming
 read bandwidth, measured in the same rounds by summing a 96 MiB tensor — and against transformers' `eager` Qwen3-MoE
-block with the same weights. Ratios are per-round medians, as above.
+block with the same weights. Ratios are per-round medians, as above; every timed call starts with cold caches (a 64 MiB
+buffer is read before it, untimed), as the streaming read does.
 
 `--threads 1,2` runs every section once per thread count (a sweep), in this one process.
 
@@ -192,7 +193,7 @@ def time_decode(T: int, rounds: int, hf: bool) -> dict:
     """Forward-only times at a decode-size batch, as ratios to the bandwidth floor of the experts it touches."""
     E, k, d_ff = DECODE_SHAPE
     layer = build_routelab(E, k, d_ff).eval()
-    loop_layer = build_routelab(E, k, d_ff).eval()
+    loop_layer = build_routelab(E, k, d_ff).eval()  # the same weights (same seed)
     loop_layer.dispatcher = LocalDispatcher(decode_fast_path=False)
     x = torch.randn(T, D_MODEL, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -207,7 +208,19 @@ def time_decode(T: int, rounds: int, hf: bool) -> dict:
     if hf:
         hf_eager = HFBlock(layer, "eager").eval()
         fns["hf_eager"] = lambda: step(hf_eager, x, None)
-    times = time_interleaved(fns, rounds, warmup=2)
+    # Every call starts cold, as the floor does: a 64 MiB buffer is read (untimed) before each one, so no variant
+    # finds the expert weights in the cache because of the variant it happened to follow.
+    evict = torch.ones(64 * 2**20 // 4)
+    names = list(fns)
+    for name in names * 2:
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            evict.sum()
+            t0 = CLOCK()
+            fns[name]()
+            times[name].append(CLOCK() - t0)
     # The floor of each round: the touched bytes at the bandwidth of that round's streaming read.
     times["floor"] = [t * touched_bytes / STREAM_BYTES for t in times["stream"]]
     result = {"T": T, "E": E, "k": k, "d_ff": d_ff, "experts_touched": touched,
@@ -320,6 +333,7 @@ def run_sections(sections: set[str], args: argparse.Namespace, threads: int, rou
     report: dict = {"threads": threads}
     print(f"\ntorch {torch.__version__}, {threads} threads, {args.clock} clock, fp32, T={T}, d_model={D_MODEL}, "
           f"{rounds} rounds" + ("" if hf else f"; transformers columns skipped: {hf_note}"))
+    hf_decode, hf = hf, hf and not args.hf_decode_only
     names = ["routelab", "dense"] + (["hf_eager", "hf_grouped_mm"] if hf else [])
     cols = [f"{mode}:{n}" for mode in ("fwd_bwd", "fwd") for n in names if n != "dense"]
 
@@ -333,7 +347,7 @@ def run_sections(sections: set[str], args: argparse.Namespace, threads: int, rou
         print_table(f"E grows at k={SCALING_K}, d_ff={SCALING_F} (routelab only)", report["scaling"],
                     ["fwd_bwd:routelab", "fwd:routelab"])
     if "decode" in sections:
-        report["decode"] = [time_decode(t, max(rounds, 9), hf) for t in DECODE_TOKENS]
+        report["decode"] = [time_decode(t, max(rounds, 9), hf_decode) for t in DECODE_TOKENS]
         E, k, f = DECODE_SHAPE
         print(f"\nDecode shapes, forward only, E={E}, k={k}, d_ff={f}: time / bandwidth floor (touched expert bytes "
               "÷ streaming-read bandwidth, same rounds)")
@@ -378,6 +392,8 @@ def main() -> None:
                         help="wall (default) or cpu: process CPU time, for a busy shared machine with --threads 1, "
                         "where wall time measures the other processes; with more threads it counts spinning threads")
     parser.add_argument("--no-hf", action="store_true", help="leave out the transformers columns")
+    parser.add_argument("--hf-decode-only", action="store_true",
+                        help="transformers only in the decode section (its eager block is slow at T=4096)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
