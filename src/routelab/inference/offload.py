@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from routelab._atomic import atomic_write_bytes, atomic_write_text
 from routelab._checks import check_bool, check_choice, check_int
 from routelab.dispatch.gathered_swiglu import gathered_swiglu
-from routelab.dispatch.local import DECODE_MAX_GATHERED, LocalDispatcher
+from routelab.dispatch.grouped_swiglu import grouped_mm_available, grouped_swiglu
+from routelab.dispatch.local import DECODE_MAX_GATHERED, GROUPED_MAX_ROWS_PER_EXPERT, LocalDispatcher
 from routelab.dispatch.permute import make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.experts.base import ExpertBank, ExpertFn
@@ -362,7 +363,21 @@ class OffloadDispatcher(LocalDispatcher):
         try:
             # NOTE: the same choice of kernel as LocalDispatcher.fused makes for the resident bank, so the arithmetic,
             # and the outputs, are the resident model's.
-            if self.decode_fast_path and not torch.is_grad_enabled() and gathered <= DECODE_MAX_GATHERED:
+            inference = self.decode_fast_path and not torch.is_grad_enabled()
+            if (inference and decision.num_assignments <= GROUPED_MAX_ROWS_PER_EXPERT * E
+                    and x_TD.dtype == torch.float32 and grouped_mm_available(x_TD.device.type)):
+                plan = make_plan(decision)
+                sizes = plan.group_sizes_E.tolist()
+                needed = [e for e, n in enumerate(sizes) if n]
+                weights = executor.step(layer, needed)
+                if not needed:
+                    return x_TD.new_zeros(x_TD.shape)
+                # The cached experts as a bank in expert order: the same groups, in the same order, as the resident's.
+                w_gate_up = torch.stack([weights[e]["w_gate_up"] for e in needed])
+                w_down = torch.stack([weights[e]["w_down"] for e in needed])
+                sizes_N = plan.group_sizes_E[torch.tensor(needed, device=x_TD.device)]
+                return grouped_swiglu(x_TD, plan.token_S, plan.weight_S, sizes_N, w_gate_up, w_down)
+            if inference and gathered <= DECODE_MAX_GATHERED:
                 needed = torch.unique(decision.expert_index).tolist()
                 weights = executor.step(layer, needed)
                 local_E = torch.zeros(E, dtype=torch.long, device=x_TD.device)
