@@ -59,16 +59,28 @@ class LocalDispatcher(Dispatcher):
     def can_fuse(self, experts: nn.Module) -> bool:
         return experts.swiglu_weights() is not None
 
+    def takes_grouped_path(self, num_assignments: int, num_experts: int, *tensors: Tensor) -> bool:
+        """Whether `fused` runs a forward through the grouped-matmul kernel (`grouped_swiglu`): inference, fp32
+        `tensors`, few rows per expert, a torch with a grouped matmul. Checked before `takes_decode_path`; a bank
+        that fetches its weights (offloading) makes the same choice."""
+        return (self.decode_fast_path and not torch.is_grad_enabled()
+                and num_assignments <= GROUPED_MAX_ROWS_PER_EXPERT * num_experts and _grouped_ok(*tensors))
+
+    def takes_decode_path(self, num_assignments: int, d_model: int, d_ff: int) -> bool:
+        """Whether `fused` runs a forward of this many assignments through the tiny-S kernel (`gathered_swiglu`)
+        rather than the sort-based one; a bank that fetches its weights (offloading) makes the same choice, so that
+        its outputs stay bit-identical to the resident bank's."""
+        gathered = num_assignments * d_model * 3 * d_ff  # weight elements the tiny-S path would copy
+        few = num_assignments <= DECODE_MAX_ASSIGNMENTS and gathered <= DECODE_MAX_GATHERED
+        return self.decode_fast_path and few and not torch.is_grad_enabled()
+
     def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
         w_gate_up_ED2F, w_down_EFD = experts.swiglu_weights()
         E, D, F2 = w_gate_up_ED2F.shape
-        S = decision.num_assignments
-        inference = self.decode_fast_path and not torch.is_grad_enabled()
-        if inference and S <= GROUPED_MAX_ROWS_PER_EXPERT * E and _grouped_ok(x_TD, w_gate_up_ED2F, w_down_EFD):
+        if self.takes_grouped_path(decision.num_assignments, E, x_TD, w_gate_up_ED2F, w_down_EFD):
             plan = make_plan(decision)
             return grouped_swiglu(x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E, w_gate_up_ED2F, w_down_EFD)
-        gathered = S * D * (F2 + F2 // 2)  # weight elements the tiny-S path would copy
-        if inference and S <= DECODE_MAX_ASSIGNMENTS and gathered <= DECODE_MAX_GATHERED:
+        if self.takes_decode_path(decision.num_assignments, D, F2 // 2):
             return gathered_swiglu(x_TD, decision.token_index, decision.expert_index, decision.weight, w_gate_up_ED2F,
                                    w_down_EFD)
         plan = make_plan(decision)
