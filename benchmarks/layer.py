@@ -14,6 +14,15 @@ goes back to the OS and the resident set tracks live tensors). Peak activation m
 peak is reset through /proc/self/clear_refs just before it) − RSS just before the pass (parameters, input and
 upstream gradient already resident) − the bytes of the parameter gradients. Linux only.
 
+Decode shapes (forward only, no_grad): T ∈ DECODE_TOKENS tokens, E=64, k=8, d_ff=256, routelab's layer (whatever
+path its dispatcher picks) and the same layer with `decode_fast_path=False` (the sort-based per-expert loop) against
+the bandwidth floor — the bytes of the experts the batch touches (3·D·d_ff fp32 weights each) divided by the streaming
+read bandwidth, measured in the same rounds by summing a 96 MiB tensor — and against transformers' `eager` Qwen3-MoE
+block with the same weights. Ratios are per-round medians, as above; every timed call starts with cold caches (a 64 MiB
+buffer is read before it, untimed), as the streaming read does.
+
+`--threads 1,2` runs every section once per thread count (a sweep), in this one process.
+
 Router overhead: every registered router (`routelab.list_routers()`, default options — plus the options a router
 requires, from REQUIRED_OPTIONS — E=64) timed alone in training mode on the T tokens as sequences of SEQ_LEN (the
 context sequence-scoped routers read), as a fraction of the time of the whole top-k MoELayer forward (E=64, k=8,
@@ -35,11 +44,15 @@ import torch
 import torch.nn.functional as F
 
 import routelab
+from routelab.dispatch import LocalDispatcher
 
 D_MODEL = 512
 MAIN_SHAPES = [(8, 2, 256), (64, 8, 256), (128, 8, 128)]  # (E, k, d_ff)
 SCALING_K, SCALING_F = 8, 128  # E grows at fixed k·d_ff = 1024
 SCALING_E = [8, 32, 128, 256]
+DECODE_TOKENS = [1, 8, 64]
+DECODE_SHAPE = (64, 8, 256)
+STREAM_BYTES = 96 * 2**20
 RESULTS = Path(__file__).parent / "results" / "layer.json"
 
 
@@ -176,6 +189,48 @@ def time_shape(E: int, k: int, d_ff: int, T: int, rounds: int, hf: bool) -> dict
     return result
 
 
+def time_decode(T: int, rounds: int, hf: bool) -> dict:
+    """Forward-only times at a decode-size batch, as ratios to the bandwidth floor of the experts it touches."""
+    E, k, d_ff = DECODE_SHAPE
+    layer = build_routelab(E, k, d_ff).eval()
+    loop_layer = build_routelab(E, k, d_ff).eval()  # the same weights (same seed)
+    loop_layer.dispatcher = LocalDispatcher(decode_fast_path=False)
+    x = torch.randn(T, D_MODEL, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        touched = int((layer.router(x).expert_load() > 0).sum())
+    touched_bytes = touched * 3 * D_MODEL * d_ff * 4
+    stream = torch.ones(STREAM_BYTES // 4)
+    fns = {
+        "stream": lambda: stream.sum(),
+        "routelab": lambda: step(layer, x, None),
+        "routelab_loop": lambda: step(loop_layer, x, None),
+    }
+    if hf:
+        hf_eager = HFBlock(layer, "eager").eval()
+        fns["hf_eager"] = lambda: step(hf_eager, x, None)
+    # Every call starts cold, as the floor does: a 64 MiB buffer is read (untimed) before each one, so no variant
+    # finds the expert weights in the cache because of the variant it happened to follow.
+    evict = torch.ones(64 * 2**20 // 4)
+    names = list(fns)
+    for name in names * 2:
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            evict.sum()
+            t0 = CLOCK()
+            fns[name]()
+            times[name].append(CLOCK() - t0)
+    # The floor of each round: the touched bytes at the bandwidth of that round's streaming read.
+    times["floor"] = [t * touched_bytes / STREAM_BYTES for t in times["stream"]]
+    result = {"T": T, "E": E, "k": k, "d_ff": d_ff, "experts_touched": touched,
+              "bandwidth_GBps": STREAM_BYTES / statistics.median(times["stream"]) / 1e9,
+              "vs_floor": ratios_to(times, "floor")}
+    if hf:
+        result["speedup_vs_hf_eager"] = statistics.median(h / r for h, r in zip(times["hf_eager"], times["routelab"]))
+    return result
+
+
 # -- memory ---------------------------------------------------------------------------------------------------------
 
 
@@ -273,43 +328,12 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and shapes (a smoke run)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 7, quick 3)")
-    parser.add_argument("--only", choices=["main", "scaling", "memory", "routers"], action="append",
-                        help="run only these sections (repeatable)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall (default) or cpu: process CPU time, for a busy shared machine with --threads 1, "
-                        "where wall time measures the other processes; with more threads it counts spinning threads")
-    parser.add_argument("--no-hf", action="store_true", help="leave out the transformers columns")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.memory_child:
-        E, k, d_ff, T, name = args.memory_child.split(",")
-        memory_child(int(E), int(k), int(d_ff), int(T), name)
-        return
-
-    torch.set_num_threads(args.threads)
-    global CLOCK
-    CLOCK = CLOCKS[args.clock]
-    rounds = args.rounds or (3 if args.quick else 7)
-    sections = set(args.only or ["main", "scaling", "memory", "routers"])
-    hf_note = "disabled by --no-hf" if args.no_hf else hf_available()
-    hf = hf_note is None
-    T = args.tokens
-    report: dict = {
-        "torch": torch.__version__, "threads": args.threads, "clock": args.clock, "tokens": T, "d_model": D_MODEL,
-        "rounds": rounds,
-        "hf_note": hf_note,
-    }
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, fp32, T={T}, d_model={D_MODEL}, "
-          f"{rounds} rounds"
-          + ("" if hf else f"; transformers columns skipped: {hf_note}"))
+def run_sections(sections: set[str], args: argparse.Namespace, threads: int, rounds: int, T: int, hf: bool,
+                 hf_note: str | None) -> dict:
+    report: dict = {"threads": threads}
+    print(f"\ntorch {torch.__version__}, {threads} threads, {args.clock} clock, fp32, T={T}, d_model={D_MODEL}, "
+          f"{rounds} rounds" + ("" if hf else f"; transformers columns skipped: {hf_note}"))
+    hf_decode, hf = hf, hf and not args.hf_decode_only
     names = ["routelab", "dense"] + (["hf_eager", "hf_grouped_mm"] if hf else [])
     cols = [f"{mode}:{n}" for mode in ("fwd_bwd", "fwd") for n in names if n != "dense"]
 
@@ -322,9 +346,23 @@ def main() -> None:
         report["scaling"] = [time_shape(E, SCALING_K, SCALING_F, T, rounds, False) for E in es]
         print_table(f"E grows at k={SCALING_K}, d_ff={SCALING_F} (routelab only)", report["scaling"],
                     ["fwd_bwd:routelab", "fwd:routelab"])
+    if "decode" in sections:
+        report["decode"] = [time_decode(t, max(rounds, 9), hf_decode) for t in DECODE_TOKENS]
+        E, k, f = DECODE_SHAPE
+        print(f"\nDecode shapes, forward only, E={E}, k={k}, d_ff={f}: time / bandwidth floor (touched expert bytes "
+              "÷ streaming-read bandwidth, same rounds)")
+        print("| T | experts touched | floor | routelab | loop kernel | transformers eager | routelab speed-up vs eager |")
+        print("|---|---|---|---|---|---|---|")
+        for row in report["decode"]:
+            v = row["vs_floor"]
+            hf_cells = (f"{v['hf_eager']['ratio']:.2f}× ({v['hf_eager']['ms']:.2f} ms) | "
+                        f"{row['speedup_vs_hf_eager']:.2f}×") if "hf_eager" in v else "— | —"
+            print(f"| {row['T']} | {row['experts_touched']} | {v['floor']['ms']:.2f} ms "
+                  f"({row['bandwidth_GBps']:.0f} GB/s) | {v['routelab']['ratio']:.2f}× ({v['routelab']['ms']:.2f} ms) | "
+                  f"{v['routelab_loop']['ratio']:.2f}× ({v['routelab_loop']['ms']:.2f} ms) | {hf_cells} |")
     if "memory" in sections:
         E, k, f = 64, 8, 256
-        mem = measure_memory(E, k, f, T, names, args.threads)
+        mem = measure_memory(E, k, f, T, names, threads)
         report["memory"] = {"E": E, "k": k, "d_ff": f, "peak_activation_bytes": mem}
         print(f"\nPeak activation memory of fwd+bwd, E={E}, k={k}, d_ff={f} (peak RSS − RSS before − grad bytes)")
         for name, b in mem.items():
@@ -339,6 +377,50 @@ def main() -> None:
                 print(f"  {row['router']:20s} {row['ms']:7.1f} ms  {100 * row['fraction_of_layer']:5.1f} %")
             else:
                 print(f"  {row['router']} {row['ms']:.1f} ms")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and shapes (a smoke run)")
+    parser.add_argument("--threads", default="2", help="intra-op threads; a comma list (1,2) sweeps them")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 7, quick 3)")
+    parser.add_argument("--only", choices=["main", "scaling", "decode", "memory", "routers"], action="append",
+                        help="run only these sections (repeatable)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default) or cpu: process CPU time, for a busy shared machine with --threads 1, "
+                        "where wall time measures the other processes; with more threads it counts spinning threads")
+    parser.add_argument("--no-hf", action="store_true", help="leave out the transformers columns")
+    parser.add_argument("--hf-decode-only", action="store_true",
+                        help="transformers only in the decode section (its eager block is slow at T=4096)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.memory_child:
+        E, k, d_ff, T, name = args.memory_child.split(",")
+        memory_child(int(E), int(k), int(d_ff), int(T), name)
+        return
+
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+        if not thread_counts or min(thread_counts) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--threads must be positive integers separated by commas, got {args.threads!r}")
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
+    rounds = args.rounds or (3 if args.quick else 7)
+    sections = set(args.only or ["main", "scaling", "decode", "memory", "routers"])
+    hf_note = "disabled by --no-hf" if args.no_hf else hf_available()
+    hf = hf_note is None
+    T = args.tokens
+    report: dict = {"torch": torch.__version__, "clock": args.clock, "tokens": T, "d_model": D_MODEL,
+                    "rounds": rounds, "hf_note": hf_note, "by_threads": {}}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        report["by_threads"][str(threads)] = run_sections(sections, args, threads, rounds, T, hf, hf_note)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))

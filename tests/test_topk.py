@@ -187,3 +187,31 @@ def test_jitter_only_in_training():
     assert torch.equal(router(x).weight, router(x).weight)
     router.train()
     assert not torch.equal(router(x).weight, router(x).weight)
+
+
+@pytest.mark.parametrize("T", [3, 600])  # below and above SORT_ALL_MAX_ELEMENTS (sort every row / topk + tie search)
+def test_top_indices_breaks_ties_to_the_lower_index_on_both_branches(T):
+    from routelab.routing._util import SORT_ALL_MAX_ELEMENTS, top_indices
+
+    E, k = 8, 3
+    assert (T * E <= SORT_ALL_MAX_ELEMENTS) == (T == 3)
+    g = torch.Generator().manual_seed(T)
+    values = torch.randint(0, 4, (T, E), generator=g).float()  # many ties
+    want = [sorted(range(E), key=lambda e: (-row[e], e))[:k] for row in values.tolist()]
+    assert top_indices(values, k).tolist() == want
+
+
+def test_decoding_without_grad_skips_the_aux_losses_and_nothing_else():
+    from routelab.routing.base import RouterCache, RoutingContext
+
+    torch.manual_seed(0)
+    router = routelab.create_router("topk", d_model=16, num_experts=8, k=2, z_loss_coef=1e-3)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        evaluating = router(x, RoutingContext(batch_shape=(5, 1)))
+        decoding = router(x, RoutingContext(batch_shape=(5, 1), cache=RouterCache()))
+    assert set(evaluating.aux_losses) == {"aux", "z"}  # an eval loss under no_grad still counts them
+    assert decoding.aux_losses == {}
+    for name in ("token_index", "expert_index", "weight"):
+        assert torch.equal(getattr(decoding, name), getattr(evaluating, name))
+    assert set(router(x, RoutingContext(batch_shape=(5, 1), cache=RouterCache())).aux_losses) == {"aux", "z"}

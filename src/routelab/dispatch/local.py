@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from routelab.dispatch.base import Dispatcher
 from routelab.dispatch.gathered_swiglu import gathered_swiglu
+from routelab.dispatch.grouped_swiglu import grouped_mm_available, grouped_swiglu
 from routelab.dispatch.permute import DispatchPlan, combine, make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.routing.base import RoutingDecision
@@ -20,6 +21,10 @@ from routelab.routing.base import RoutingDecision
 # It agrees with the sort-based kernel to rounding, not bit for bit (tests/test_gathered_swiglu.py).
 DECODE_MAX_ASSIGNMENTS = 64
 DECODE_MAX_GATHERED = 1 << 22
+# Inference forwards with at most this many assignments per expert on average (fp32, where torch has a grouped
+# matmul) take `dispatch/grouped_swiglu.py`: no per-expert loop, no host sync. Above it the loop of
+# `routed_swiglu` wins (measured at E=64 and 128, k=8, d=512: the crossover lies between 8 and 16 rows per expert).
+GROUPED_MAX_ROWS_PER_EXPERT = 12
 
 
 class LocalDispatcher(Dispatcher):
@@ -28,12 +33,15 @@ class LocalDispatcher(Dispatcher):
     dispatch: sort the assignments by expert (stable) and gather their rows; combine: weighted scatter-add.
     Fast path: a bank whose `swiglu_weights()` gives its weights (plain SwiGLU experts) runs through
     `dispatch/routed_swiglu.py`, which gathers, computes and combines one expert group at a time without ever
-    holding an [S, D] tensor (benchmarks/layer.py measures it). Inference forwards with a few assignments (decoding:
-    S = batch·k) take `dispatch/gathered_swiglu.py` instead — no sort, no per-expert loop, no host sync — while the
-    assignments stay under `DECODE_MAX_ASSIGNMENTS` and the expert weights they gather under `DECODE_MAX_GATHERED`
-    elements (benchmarks/decode.py measures it).
+    holding an [S, D] tensor (benchmarks/layer.py measures it). Inference forwards in fp32 with few rows per
+    expert (decoding, small batches: at most `GROUPED_MAX_ROWS_PER_EXPERT` on average) take
+    `dispatch/grouped_swiglu.py` — two grouped matmuls, no per-expert loop, no host sync — where torch has a grouped
+    matmul; elsewhere forwards with a few assignments (S = batch·k) take `dispatch/gathered_swiglu.py` — no sort,
+    no per-expert loop, no host sync — while the assignments stay under `DECODE_MAX_ASSIGNMENTS` and the expert
+    weights they gather under `DECODE_MAX_GATHERED` elements (benchmarks/decode.py, benchmarks/layer.py measure
+    them).
 
-    decode_fast_path: False sends those forwards through the sort-based kernel too.
+    decode_fast_path: False sends those forwards through the sort-based loop kernel too.
     """
 
     def __init__(self, *, decode_fast_path: bool = True) -> None:
@@ -51,6 +59,13 @@ class LocalDispatcher(Dispatcher):
     def can_fuse(self, experts: nn.Module) -> bool:
         return experts.swiglu_weights() is not None
 
+    def takes_grouped_path(self, num_assignments: int, num_experts: int, *tensors: Tensor) -> bool:
+        """Whether `fused` runs a forward through the grouped-matmul kernel (`grouped_swiglu`): inference, fp32
+        `tensors`, few rows per expert, a torch with a grouped matmul. Checked before `takes_decode_path`; a bank
+        that fetches its weights (offloading) makes the same choice."""
+        return (self.decode_fast_path and not torch.is_grad_enabled()
+                and num_assignments <= GROUPED_MAX_ROWS_PER_EXPERT * num_experts and _grouped_ok(*tensors))
+
     def takes_decode_path(self, num_assignments: int, d_model: int, d_ff: int) -> bool:
         """Whether `fused` runs a forward of this many assignments through the tiny-S kernel (`gathered_swiglu`)
         rather than the sort-based one; a bank that fetches its weights (offloading) makes the same choice, so that
@@ -61,7 +76,10 @@ class LocalDispatcher(Dispatcher):
 
     def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
         w_gate_up_ED2F, w_down_EFD = experts.swiglu_weights()
-        _, D, F2 = w_gate_up_ED2F.shape
+        E, D, F2 = w_gate_up_ED2F.shape
+        if self.takes_grouped_path(decision.num_assignments, E, x_TD, w_gate_up_ED2F, w_down_EFD):
+            plan = make_plan(decision)
+            return grouped_swiglu(x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E, w_gate_up_ED2F, w_down_EFD)
         if self.takes_decode_path(decision.num_assignments, D, F2 // 2):
             return gathered_swiglu(x_TD, decision.token_index, decision.expert_index, decision.weight, w_gate_up_ED2F,
                                    w_down_EFD)
@@ -69,3 +87,7 @@ class LocalDispatcher(Dispatcher):
         return routed_swiglu(
             x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E.tolist(), w_gate_up_ED2F, w_down_EFD
         )
+
+
+def _grouped_ok(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors) and grouped_mm_available(tensors[0].device.type)

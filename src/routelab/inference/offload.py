@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from routelab._atomic import atomic_write_bytes, atomic_write_text
 from routelab._checks import check_bool, check_choice, check_int
 from routelab.dispatch.gathered_swiglu import gathered_swiglu
+from routelab.dispatch.grouped_swiglu import grouped_swiglu
 from routelab.dispatch.local import LocalDispatcher
 from routelab.dispatch.permute import make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
@@ -368,6 +369,18 @@ class OffloadDispatcher(LocalDispatcher):
         try:
             # NOTE: the same choice of kernel as LocalDispatcher.fused makes for the resident bank, so the arithmetic,
             # and the outputs, are the resident model's.
+            if self.takes_grouped_path(decision.num_assignments, E, x_TD):
+                plan = make_plan(decision)
+                sizes = plan.group_sizes_E.tolist()
+                needed = [e for e, n in enumerate(sizes) if n]
+                weights = executor.step(layer, needed)
+                if not needed:
+                    return x_TD.new_zeros(x_TD.shape)
+                # The cached experts as a bank in expert order: the same groups, in the same order, as the resident's.
+                w_gate_up = torch.stack([weights[e]["w_gate_up"] for e in needed])
+                w_down = torch.stack([weights[e]["w_down"] for e in needed])
+                sizes_N = plan.group_sizes_E[torch.tensor(needed, device=x_TD.device)]
+                return grouped_swiglu(x_TD, plan.token_S, plan.weight_S, sizes_N, w_gate_up, w_down)
             if self.takes_decode_path(decision.num_assignments, D, F_):
                 needed = torch.unique(decision.expert_index).tolist()
                 weights = executor.step(layer, needed)

@@ -15,13 +15,18 @@ from routelab.routing.base import RoutingContext
 from routelab.routing.losses import switch_balance_loss
 
 _MASK64 = (1 << 64) - 1
+# Up to this many scores, top_indices sorts every row (no tie search, no host sync); measured faster below it.
+SORT_ALL_MAX_ELEMENTS = 2048
 
 
 def top_indices(values_TE: Tensor, k: int) -> Tensor:
     """Indices of the k largest entries per row; ties go to the lower index (a stable sort, unlike torch.topk)."""
     # NOTE: torch.topk is 3-4x faster than the full stable sort on CPU (E=64..256) but breaks ties arbitrarily.
     # In a row where no two of the k+1 largest values are equal, the top k and their order are unique, so topk's
-    # answer is the stable sort's; only the rows with such a tie are sorted.
+    # answer is the stable sort's; only the rows with such a tie are sorted. Looking for ties costs a host sync and
+    # a few small kernels, which at decode-size inputs (a few rows) cost more than sorting every row outright.
+    if values_TE.numel() <= SORT_ALL_MAX_ELEMENTS:
+        return torch.sort(values_TE, dim=-1, descending=True, stable=True).indices[:, :k]
     top = values_TE.topk(min(k + 1, values_TE.shape[-1]), dim=-1)
     index_TK = top.indices[:, :k]
     tied_T = (top.values[:, 1:] == top.values[:, :-1]).any(dim=-1)

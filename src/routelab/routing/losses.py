@@ -18,9 +18,10 @@ def switch_balance_loss(probs_TE: Tensor, load_E: Tensor) -> Tensor:
     about 1/E and silence the loss).
     """
     num_experts = probs_TE.shape[-1]
-    if probs_TE.shape[0] == 0 or int(load_E.sum()) == 0:
+    if probs_TE.shape[0] == 0:
         return probs_TE.sum() * 0.0
-    f_E = load_E.to(probs_TE.dtype) / load_E.sum()
+    # No assignments (all dropped or null-routed): f = 0 and the loss is 0, without a host sync to find out.
+    f_E = load_E.to(probs_TE.dtype) / load_E.sum().clamp_min(1)
     P_E = probs_TE.mean(dim=0)
     return num_experts * torch.dot(f_E, P_E)
 

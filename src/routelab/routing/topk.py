@@ -215,11 +215,15 @@ class TopKRouter(Router):
         if real_T is not None:
             keep_S = real_T[token_S]
             token_S, expert_S, weight_S = token_S[keep_S], expert_S[keep_S], weight_S[keep_S]
-        load_E = torch.bincount(expert_S, minlength=E)  # before capacity: what the router asked for
+        # Incremental decoding without autograd computes no loss from these forwards: skip the aux-loss work.
+        decoding = ctx is not None and ctx.cache is not None and not torch.is_grad_enabled()
+        losses = not decoding
+        if losses or accumulate:
+            load_E = torch.bincount(expert_S, minlength=E)  # before capacity: what the router asked for
 
         aux_losses: dict[str, Tensor] = {}
         real_scores_TE = scores_TE if real_T is None else scores_TE[real_T]
-        if self.aux_loss_coef > 0:
+        if self.aux_loss_coef > 0 and losses:
             probs_TE = real_scores_TE
             if self.score == "sigmoid":
                 probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
@@ -228,7 +232,7 @@ class TopKRouter(Router):
             # Under a statistics group f counts every rank's assignments (global); P is this rank's tokens'.
             global_load_E = self.sum_over_group(load_E)
             aux_losses["aux"] = self.aux_loss_coef * form_scale * switch_balance_loss(probs_TE, global_load_E)
-        if self.z_loss_coef > 0:
+        if self.z_loss_coef > 0 and losses:
             real_logits_TE = logits_TE if real_T is None else logits_TE[real_T]
             aux_losses["z"] = self.z_loss_coef * router_z_loss(real_logits_TE)
 
