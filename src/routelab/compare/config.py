@@ -266,6 +266,9 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
     try:
         mc = model_config(cfg, v, vocab_size=cfg["data"].get("vocab_size", 4096))
         mc.validate()
+        if model_kind(cfg) == "lm" and router_class(mc.router).needs_timestep:
+            raise ValueError(f"router {mc.router!r} needs a diffusion timestep, which the autoregressive LM does not "
+                             "have; use model.kind: diffusion_lm (e.g. --preset diffusion)")
         for name in MODEL_INT_FIELDS:
             _int(f"model.{name}", getattr(mc, name), 0)
         # sizes against the machine's RAM before any of them is allocated (the routers below are real)
