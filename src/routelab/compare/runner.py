@@ -182,7 +182,8 @@ def compare_layout(cfg: dict[str, Any]) -> RunLayout:
     folders = {"": REPORT_FILES, "variants": ()}
     for v in cfg["variants"]:
         folders[f"variants/{v['name']}"] = VARIANT_FILES
-        folders[f"variants/{v['name']}/model"] = MODEL_FILES
+        if model_kind(cfg) == "lm":  # diffusion variants write no model folder
+            folders[f"variants/{v['name']}/model"] = MODEL_FILES
     return RunLayout("compare", folders)
 
 
