@@ -19,7 +19,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--router", default="topk", help="a registered router (default: %(default)s)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a router option (repeatable; VALUE is read as YAML: 2, 0.5, true, linear)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
     parser.add_argument("--samples-per-class", type=int, default=8, help="samples per class (default: %(default)s)")
     parser.add_argument("--sample-steps", type=int, default=24, help="Euler steps when sampling (default: %(default)s)")
