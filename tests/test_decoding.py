@@ -8,7 +8,7 @@ import torch
 
 from routelab.models import ModelConfig, MoETransformerLM
 from routelab.models.decoding import generate, generation_problem
-from routelab.routing import create_router, list_routers
+from routelab.routing import create_router, list_routers, router_class
 from routelab.routing.base import RouterCache, RoutingContext
 from zoo_cases import CASES, IDS
 
@@ -49,6 +49,10 @@ def test_every_registered_router_is_covered():
 def test_cached_greedy_decode_equals_full_recompute(name, options):
     model = _model(name, options)
     prompt = [3, 17, 5, 42, 8, 1, 29]
+    if router_class(name).needs_timestep:  # diffusion-only routers: an autoregressive model has no timestep
+        with pytest.raises(ValueError, match="need a diffusion timestep .*autoregressive model does not have"):
+            generate(model, [prompt], max_new_tokens=4)
+        return
     if not _causal_at_inference(name, options):
         with pytest.raises(ValueError, match="not causal at inference .*cannot generate one token at a time"):
             generate(model, [prompt], max_new_tokens=4)

@@ -42,6 +42,10 @@ CASES = [
     ("pregate", dict(k=1, aux_loss_coef=0.0)),
     ("similarity", {}),
     ("similarity", dict(kernel="cosine", causal=False, k=1)),
+    ("dtr", {}),
+    ("dtr", dict(active_fraction=0.25, reverse=True)),
+    ("condition_aware", {}),
+    ("condition_aware", dict(k=1, time_dim=4, normalize="none", aux_loss_coef=0.0)),
 ]
 
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]

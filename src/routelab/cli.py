@@ -9,6 +9,7 @@ import sys
 # Subcommands in the order `routelab --help` lists them; each names a module of routelab.commands.
 COMMANDS = (
     "compare",
+    "diffusion-demo",
     "train",
     "eval",
     "generate",

@@ -134,6 +134,9 @@ def resolve_train(
     # compare's resolve does the rest (sections, overrides, every field, the router), before any work; a variant
     # whose router is not registered is dropped there, which leaves none: an error listing the registered ones.
     cfg, _ = resolve(base=cfg, data_files=data_files, steps=steps, seed=seed)
+    if cfg["model"].get("kind", "lm") != "lm":
+        raise ConfigError(f"model.kind={cfg['model']['kind']!r}: routelab train trains the autoregressive LM "
+                          "(model.kind: lm); a diffusion LM trains in routelab compare (--preset diffusion)")
     return cfg
 
 

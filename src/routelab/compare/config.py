@@ -25,12 +25,14 @@ from routelab._checks import INT64_MAX, short_repr
 from routelab.train.loop import TrainConfig
 from routelab.train.memory import check_training_memory
 
-PRESETS = ("smoke", "default")
+PRESETS = ("smoke", "default", "diffusion")
 TOP_FIELDS = {"description", "data", "model", "train", "reference_k", "variants"}
 DATA_FIELDS = {"source", "files", "max_chars", "vocab_size", "val_fraction"}
 # Model fields that every variant shares; router, router_options, k_schedule and vocab_size are set per variant/data.
 PER_VARIANT = {"router", "router_options", "k_schedule", "vocab_size"}
-MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - PER_VARIANT
+MODEL_FIELDS = ({f.name for f in dataclasses.fields(ModelConfig)} - PER_VARIANT) | {"kind"}
+# model.kind: "lm" (autoregressive, MoETransformerLM) or "diffusion_lm" (masked diffusion, MaskedDiffusionLM).
+MODEL_KINDS = ("lm", "diffusion_lm")
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 MODEL_INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every",
                     "shared_experts", "max_seq_len")
@@ -204,6 +206,8 @@ def validate(cfg: dict[str, Any]) -> list[str]:
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     model_base = dict(cfg["model"])
+    if model_base.get("kind", "lm") not in MODEL_KINDS:
+        raise ConfigError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {short_repr(model_base['kind'])}")
     model_base.setdefault("max_seq_len", train_cfg.seq_len)
     _int("model.max_seq_len", model_base["max_seq_len"], 1)
     if model_base["max_seq_len"] < train_cfg.seq_len:
@@ -262,6 +266,9 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
     try:
         mc = model_config(cfg, v, vocab_size=cfg["data"].get("vocab_size", 4096))
         mc.validate()
+        if model_kind(cfg) == "lm" and router_class(mc.router).needs_timestep:
+            raise ValueError(f"router {mc.router!r} needs a diffusion timestep, which the autoregressive LM does not "
+                             "have; use model.kind: diffusion_lm (e.g. --preset diffusion)")
         for name in MODEL_INT_FIELDS:
             _int(f"model.{name}", getattr(mc, name), 0)
         # sizes against the machine's RAM before any of them is allocated (the routers below are real)
@@ -278,9 +285,15 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where} ({v['name']}): {exc}") from None
 
 
+def model_kind(cfg: dict[str, Any]) -> str:
+    """The configuration's model.kind ("lm" when absent)."""
+    return cfg["model"].get("kind", "lm")
+
+
 def model_config(cfg: dict[str, Any], variant: dict[str, Any], *, vocab_size: int) -> ModelConfig:
+    fields = {k: v for k, v in cfg["model"].items() if k != "kind"}
     return ModelConfig(
-        **cfg["model"], vocab_size=vocab_size, router=variant["router"],
+        **fields, vocab_size=vocab_size, router=variant["router"],
         router_options=dict(variant.get("options") or {}), k_schedule=variant.get("k_schedule"),
     )
 

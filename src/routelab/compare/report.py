@@ -37,6 +37,8 @@ def write_report(summary: dict[str, Any], out: Path) -> list[Path]:
 
 
 def causal_label(v: dict[str, Any]) -> str:
+    if v.get("model_kind") == "diffusion_lm":  # bidirectional model: causality does not decide comparability
+        return "n/a (diffusion)"
     if v["causal_eval"] and v["causal_train"]:
         return "yes"
     if v["causal_eval"]:
@@ -59,12 +61,14 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     variants = summary["variants"]
     ok = [v for v in variants if "error" not in v]
     tokens = t["steps"] * t["batch_size"] * t["seq_len"]
+    diffusion = m.get("kind", "lm") == "diffusion_lm"
+    what = "masked-diffusion MoE LM (bidirectional attention)" if diffusion else "decoder-only MoE LM"
     lines = [
         "# routelab compare",
         "",
         f"{cfg.get('description', '')}".strip(),
         "",
-        f"Every variant trains the same decoder-only MoE LM (d_model {m['d_model']}, {m['n_layers']} layers, "
+        f"Every variant trains the same {what} (d_model {m['d_model']}, {m['n_layers']} layers, "
         f"{m['n_heads']} heads, {m['num_experts']} experts of width {m['d_ff']}, MoE every {m['moe_every']} layer(s), "
         f"{m['shared_experts']} shared experts, vocabulary {summary['data']['vocab_size']}) with seed {t['seed']}, the "
         f"same batches in the same order: {t['steps']} steps × {t['batch_size']} × {t['seq_len']} = {tokens:,} "
@@ -92,9 +96,14 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     lines += [
         "",
         "How to read it:",
-        "- **causal**: does a token's routing depend only on itself and earlier tokens? A non-causal router (⚠) sees "
-        "later tokens of its batch when routing, so its perplexity in an autoregressive model is **not comparable** "
-        "with the others (it can leak the future). \"eval only\": causal when evaluating, batch-coupled in training.",
+    ]
+    if not diffusion:
+        lines.append(
+            "- **causal**: does a token's routing depend only on itself and earlier tokens? A non-causal router (⚠) "
+            "sees later tokens of its batch when routing, so its perplexity in an autoregressive model is **not "
+            "comparable** with the others (it can leak the future). \"eval only\": causal when evaluating, "
+            "batch-coupled in training.")
+    lines += [
         f"- **experts/token**: mean routed experts per token per MoE layer on the validation set; **expert FLOPs vs "
         f"top-k**: active routed-expert FLOPs per token relative to top-{cfg.get('reference_k', 2)} (all experts have "
         "the same width, so this is experts/token ÷ k).",
@@ -105,6 +114,8 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
         "- One seed per variant: small differences in perplexity (a few percent at this scale) can be seed noise; "
         "rerun with another `train.seed` before drawing conclusions. Router compute is not in the FLOPs column.",
     ]
+    if diffusion:
+        lines += diffusion_section(ok, cfg.get("reference_k", 2))
     if len(summary["data"]["domains"]) > 1 and ok:
         names = [d["name"] for d in summary["data"]["domains"]]
         lines += ["", "Validation loss per domain:", "",
@@ -129,6 +140,28 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
               f"Total wall time {summary['wall_seconds']:.0f} s (data and tokenizer {summary['setup_seconds']:.1f} s). "
               "The exact configuration is in `config.yaml`; every number and curve in `results.json`.", ""]
     return "\n".join(lines)
+
+
+def diffusion_section(variants: list[dict[str, Any]], reference_k: int) -> list[str]:
+    """Report lines of a `model.kind: diffusion_lm` comparison: what its loss is, and active FLOPs per bin of t."""
+    lines = [
+        "- **diffusion LM**: val loss is the NELBO per token of the masked-diffusion objective (linear schedule, "
+        "fixed validation times and masks), val ppl = exp(NELBO): an **upper bound** on perplexity, not comparable "
+        "with an autoregressive model's perplexity. Attention is bidirectional and nothing is generated left to "
+        "right, so non-causal routers (expert choice) are fully comparable here (the causal column reads n/a).",
+    ]
+    bins = [(b["t_lo"], b["t_hi"]) for b in variants[0].get("flops_by_t", [])] if variants else []
+    if not bins:
+        return lines
+    lines += ["", f"Active expert FLOPs per token vs top-{reference_k}, by diffusion time t (mask ratio) of the "
+              "validation sequences:", "",
+              "| variant | " + " | ".join(f"t ∈ [{lo:.1f}, {hi:.1f})" for lo, hi in bins) + " |",
+              "|---|" + "---:|" * len(bins)]
+    for v in variants:
+        by_bin = {(b["t_lo"], b["t_hi"]): b["flops_vs_topk"] for b in v.get("flops_by_t", [])}
+        lines.append(f"| {v['name']} | " + " | ".join(
+            f"{_f(by_bin[b], 2)}×" if b in by_bin else "–" for b in bins) + " |")
+    return lines
 
 
 def _f(value: float, digits: int) -> str:
@@ -166,8 +199,9 @@ def plot_val_loss(variants: list[dict[str, Any]], path: Path) -> Path:
     for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
         steps = [r["step"] for r in v["val_curve"]]
         losses = [r["val_loss"] for r in v["val_curve"]]
-        style = "-" if v["causal_eval"] else ":"
-        label = v["name"] + ("" if v["causal_eval"] else " (non-causal: not comparable)")
+        comparable = v["causal_eval"] or v.get("model_kind") == "diffusion_lm"
+        style = "-" if comparable else ":"
+        label = v["name"] + ("" if comparable else " (non-causal: not comparable)")
         for ax in (full, zoom):
             ax.plot(steps, losses, style, color=color, marker=markers[i % len(markers)], markersize=4,
                     label=label if ax is full else None)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from routelab.compare.config import ConfigError, load_yaml, model_config
+from routelab.compare.config import ConfigError, load_yaml, model_config, model_kind
 from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
 from routelab.data.dataset import TokenData, tokenize_domains
 from routelab._atomic import atomic_write_text
@@ -181,7 +181,8 @@ def compare_layout(cfg: dict[str, Any]) -> RunLayout:
     folders = {"": REPORT_FILES, "variants": ()}
     for v in cfg["variants"]:
         folders[f"variants/{v['name']}"] = VARIANT_FILES
-        folders[f"variants/{v['name']}/model"] = MODEL_FILES
+        if model_kind(cfg) == "lm":  # diffusion variants write no model folder
+            folders[f"variants/{v['name']}/model"] = MODEL_FILES
     return RunLayout("compare", folders)
 
 
@@ -236,6 +237,9 @@ def run_variant(
     mc = model_config(cfg, variant, vocab_size=data.vocab_size)
     base = {"name": variant["name"], "router": variant["router"], "options": variant.get("options") or {},
             "k_schedule": variant.get("k_schedule")}
+    if model_kind(cfg) == "diffusion_lm":
+        return run_diffusion_variant(cfg, variant, data, train_cfg, base=base, quiet=quiet, desc=desc,
+                                     bar_position=bar_position)
     t0 = time.perf_counter()
     try:
         run = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc=desc,
@@ -287,6 +291,61 @@ def run_variant(
                         for r in run.train_curve],
         "val_curve": [{"step": r["step"], "val_loss": r["val_loss"], "by_domain": r["by_domain"]}
                       for r in run.val_curve],
+    }
+
+
+def run_diffusion_variant(
+    cfg: dict[str, Any], variant: dict[str, Any], data: TokenData, train_cfg: TrainConfig, *, base: dict[str, Any],
+    quiet: bool, desc: str, bar_position: int,
+) -> dict[str, Any]:
+    """One variant of a `model.kind: diffusion_lm` comparison (`train.diffusion_lm`): the same result fields as an
+    autoregressive variant, the loss being the NELBO per token (val_perplexity = exp(NELBO), an upper bound), plus
+    `flops_by_t` (active expert FLOPs vs top-k per bin of diffusion time t). No model folder is written."""
+    from routelab.train.diffusion_lm import train_diffusion_lm
+
+    mc = model_config(cfg, variant, vocab_size=data.vocab_size)
+    t0 = time.perf_counter()
+    try:
+        run = train_diffusion_lm(mc, train_cfg, data, progress=not quiet, desc=desc, bar_position=bar_position)
+    except Exception as exc:  # noqa: BLE001 — one broken router must not cost the others' results
+        return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
+    model, final = run["model"], run["final"]
+    causal = bool(model.net.causal)
+    ept = final["experts_per_token_by_layer"]
+    mean_ept = sum(ept) / len(ept)
+    reference_k = cfg.get("reference_k", 2)
+    return {
+        **base,
+        "model_kind": "diffusion_lm",
+        "per_layer_options": model.per_layer_options,
+        # The routers' own causality, recorded as for an LM; the report does not flag it here: attention is
+        # bidirectional and nothing is generated left to right, so a non-causal router leaks nothing.
+        "causal": causal, "causal_eval": causal, "causal_train": causal,
+        "comparable": True,
+        "params": sum(p.numel() for p in model.parameters()),
+        "val_loss": final["val_loss"],
+        "val_perplexity": math.exp(final["val_loss"]) if final["val_loss"] < 700 else float("inf"),
+        "val_loss_by_domain": final["val_loss_by_domain"],
+        "mean_experts_per_token": mean_ept,
+        "experts_per_token_by_layer": ept,
+        "active_expert_flops_vs_topk": mean_ept / reference_k,
+        "flops_by_t": [{**b, "flops_vs_topk": b["mean"] / reference_k} for b in final["experts_per_token_by_t"]],
+        "imbalance_max_over_mean": _mean(final["imbalance_max_over_mean"]),
+        "imbalance_cv": _mean(final["imbalance_cv"]),
+        "imbalance_max_over_mean_by_layer": final["imbalance_max_over_mean"],
+        "imbalance_cv_by_layer": final["imbalance_cv"],
+        "dropped_fraction": final["dropped_fraction"],
+        "train_tokens": run["train_tokens"],
+        "train_seconds": run["train_seconds"],
+        "train_tokens_per_second": steady_tokens_per_second(run["train_curve"],
+                                                            train_cfg.batch_size * train_cfg.seq_len),
+        "wall_seconds": time.perf_counter() - t0,
+        "load": final["load"],
+        "load_by_domain": final["load_by_domain"],
+        "experts_per_token_histogram": final["experts_per_token_histogram"],
+        "train_curve": run["train_curve"],
+        "val_curve": [{"step": r["step"], "val_loss": r["val_loss"], "by_domain": r["by_domain"]}
+                      for r in run["val_curve"]],
     }
 
 

@@ -42,6 +42,11 @@ def generation_problem(model: MoETransformerLM) -> str | None:
         router.train(was)
         if not causal:
             reasons.append(f"MoE layer {i} ({type(router).registry_name})")
+    timed = [f"MoE layer {i} ({type(layer.router).registry_name})" for i, layer in enumerate(model.moe_layers)
+             if layer.router.needs_timestep]
+    if timed:
+        return (f"the model's routers need a diffusion timestep ({', '.join(timed)}), which an autoregressive model "
+                "does not have: train them in a diffusion model (routelab.models.diffusion_lm)")
     if not reasons:
         return None
     return (

@@ -156,6 +156,9 @@ def apply_rope(x_BHLK: Tensor, cos_LK2: Tensor, sin_LK2: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    # False: every position attends to every other (the masked-diffusion LM, `models.diffusion_lm`).
+    causal: bool = True
+
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
@@ -163,12 +166,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None = None, layer: int = 0) -> Tensor:
-        """Causal self-attention over x; with `kv` (decoding), over the cached slots of block `layer` and x."""
+        """Causal (or, with `causal` False, bidirectional) self-attention over x; with `kv` (decoding, causal only),
+        over the cached slots of block `layer` and x."""
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
         if kv is None:
             q, k = apply_rope(q, cos[:L], sin[:L]), apply_rope(k, cos[:L], sin[:L])
-            y_BHLK = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y_BHLK = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             q, k = apply_rope(q, kv.cos_B1LK, kv.sin_B1LK), apply_rope(k, kv.cos_B1LK, kv.sin_B1LK)
             k, v = kv.cache.store(layer, k, v)
@@ -283,9 +287,11 @@ class MoETransformerLM(nn.Module):
         step: int | None = None,
         cache: DecodeCache | None = None,
         padding_mask: Tensor | None = None,
+        timestep: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """With `cache` (incremental decoding), `ids` are the next tokens of the cached sequences and attend to every
-        earlier one; `padding_mask` [B, L] (True: padding, only with a cache) marks slots that hold no token."""
+        earlier one; `padding_mask` [B, L] (True: padding, only with a cache) marks slots that hold no token;
+        `timestep` [B] (diffusion time per sequence, `models.diffusion_lm`) reaches every router's context."""
         B, L = ids.shape
         if L > self.config.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
@@ -313,6 +319,7 @@ class MoETransformerLM(nn.Module):
                     step=step,
                     state=state,
                     padding_mask=padding_mask,
+                    timestep=timestep,
                     cache=None if cache is None else cache.routers[moe_index],
                 )
                 y_BLD, decision = block.ffn.forward_with_decision(h_BLD, ctx)

@@ -4,7 +4,9 @@ from routelab.routing.base import Router, RoutingContext, RoutingDecision, updat
 from routelab.routing.registry import create_router, list_routers, register_router, router_class, router_options
 from routelab.routing.topk import TopKRouter
 from routelab.routing import (  # noqa: F401  (importing a family registers its routers)
+    condition_aware,
     cosine,
+    denoising_task,
     expert_choice,
     hashing,
     kmeans,

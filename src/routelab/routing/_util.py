@@ -108,3 +108,22 @@ def switch_aux_losses(
     if router is not None:
         load_E = router.sum_over_group(load_E)
     return {"aux": coef * switch_balance_loss(probs_TE[real_T], load_E)}
+
+
+def token_timesteps(ctx: RoutingContext | None, num_tokens: int, device: torch.device, *, router: str) -> Tensor:
+    """FloatTensor [T] (fp64): each token's diffusion time in [0, 1], from ctx.timestep (one per sequence of
+    ctx.batch_shape, or one for all). Raises a ValueError naming `router` when the context carries none."""
+    if ctx is None or ctx.timestep is None:
+        raise ValueError(
+            f"{router} routing needs RoutingContext.timestep (the diffusion time per sequence, in [0, 1]); none was "
+            "given: use it in a diffusion model (routelab.models.diffusion_lm, the diffusion demo's DiT)"
+        )
+    B, L = sequence_shape(ctx, num_tokens)
+    t = torch.as_tensor(ctx.timestep, dtype=torch.float64).reshape(-1).to(device)
+    if t.numel() == 1:
+        t = t.expand(B)
+    if t.numel() != B:
+        raise ValueError(f"RoutingContext.timestep has {t.numel()} values for {B} sequences")
+    if not bool(((t >= 0) & (t <= 1)).all()):
+        raise ValueError("RoutingContext.timestep must lie in [0, 1]")
+    return t.repeat_interleave(L)

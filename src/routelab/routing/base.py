@@ -196,6 +196,9 @@ class Router(nn.Module):
     """
 
     causal: ClassVar[bool] | bool = True
+    # True when routing reads RoutingContext.timestep (a diffusion time): only models that pass one (the diffusion
+    # LM, the DiT) run such a router; an autoregressive LM cannot (it has no timestep to give).
+    needs_timestep: ClassVar[bool] | bool = False
     # A torch.distributed process group whose ranks see different tokens of one step (expert or data parallel),
     # set by `routelab.distributed.expert_parallel`; None: statistics are this process's own.
     statistics_group: Any = None
