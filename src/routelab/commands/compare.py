@@ -24,6 +24,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="training steps per variant (overrides the preset)")
     parser.add_argument("--seed", type=int, help="seed of every variant (overrides the preset; rerun with another "
                          "seed to see how much of a difference is noise)")
+    parser.add_argument("--seeds", type=int, help="train every variant with N seeds (--seed, --seed+1, ...) and report "
+                         "mean ± 95%% t-interval of perplexity and each variant's paired loss difference to the first "
+                         "variant (overrides the preset's `seeds`; default 1)")
     parser.add_argument("--out", help="report folder (default: runs/compare-<preset>); a non-empty folder that is "
                          "not a routelab run is refused (see --overwrite)")
     parser.add_argument("--config", metavar="YAML", help="a YAML file merged over the preset")
@@ -65,7 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         return fail("compare", "--out must name a folder, got an empty string")
     try:
         cfg, notes = resolve(preset=args.preset, config_file=args.config, routers=routers or None,
-                             data_files=args.data, steps=args.steps, seed=args.seed)
+                             data_files=args.data, steps=args.steps, seed=args.seed,
+                             seeds=args.seeds)
         if cfg["data"].get("source") == "files":
             from routelab.data.corpus import file_corpus
 

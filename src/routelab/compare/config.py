@@ -1,8 +1,9 @@
 """Comparison configurations: presets (YAML inside the package), user YAML, command-line overrides, validation.
 
 A configuration has five sections (see presets/default.yaml): `data`, `model` (the `ModelConfig` fields shared by
-every variant), `train` (the `TrainConfig` fields), `reference_k` and `variants`, a list of {name, router, options,
-k_schedule}. Every field is checked before anything trains; an error names the field and the valid values.
+every variant), `train` (the `TrainConfig` fields), `reference_k`, `seeds` (optional, default 1: each variant trains
+with train.seed, train.seed+1, ..., and the report shows intervals) and `variants`, a list of {name, router,
+options, k_schedule}. Every field is checked before anything trains; an error names the field and the valid values.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from routelab.train.loop import TrainConfig
 from routelab.train.memory import check_training_memory
 
 PRESETS = ("smoke", "default")
-TOP_FIELDS = {"description", "data", "model", "train", "reference_k", "variants"}
+TOP_FIELDS = {"description", "data", "model", "train", "reference_k", "seeds", "variants"}
+MAX_SEEDS = 100
 DATA_FIELDS = {"source", "files", "max_chars", "vocab_size", "val_fraction"}
 # Model fields that every variant shares; router, router_options, k_schedule and vocab_size are set per variant/data.
 PER_VARIANT = {"router", "router_options", "k_schedule", "vocab_size"}
@@ -148,6 +150,7 @@ def resolve(
     data_files: list[str] | None = None,
     steps: int | None = None,
     seed: int | None = None,
+    seeds: int | None = None,
     base: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The validated configuration and the notes to print (e.g. preset entries skipped as unregistered).
@@ -172,6 +175,10 @@ def resolve(
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= INT64_MAX:
             raise ConfigError(f"--seed must be an integer >= 0 and <= {INT64_MAX}, got {short_repr(seed)}")
         cfg["train"]["seed"] = seed
+    if seeds is not None:
+        if not _is_int(seeds) or not 1 <= seeds <= MAX_SEEDS:
+            raise ConfigError(f"--seeds must be an integer from 1 to {MAX_SEEDS}, got {short_repr(seeds)}")
+        cfg["seeds"] = seeds
     notes = validate(cfg)
     if routers:  # only the variants asked for matter; an unregistered one among them is an error, raised below
         notes = []
@@ -198,6 +205,10 @@ def validate(cfg: dict[str, Any]) -> list[str]:
     if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 < vf < 1:
         raise ConfigError(f"data.val_fraction must be a number in (0, 1), got {short_repr(vf)}")
     _int("reference_k", cfg.get("reference_k", 2), 1)
+    n_seeds = cfg.get("seeds", 1)
+    if not _is_int(n_seeds) or not 1 <= n_seeds <= MAX_SEEDS:
+        raise ConfigError(f"seeds must be an integer from 1 to {MAX_SEEDS} (seeds per variant), got "
+                          f"{short_repr(n_seeds)}")
     try:
         train_cfg = TrainConfig(**cfg["train"])
         train_cfg.validate()
