@@ -3,7 +3,8 @@
 A configuration has five sections (see presets/default.yaml): `data`, `model` (the `ModelConfig` fields shared by
 every variant), `train` (the `TrainConfig` fields), `reference_k`, `seeds` (optional, default 1: each variant trains
 with train.seed, train.seed+1, ..., and the report shows intervals) and `variants`, a list of {name, router,
-options, k_schedule}. Every field is checked before anything trains; an error names the field and the valid values.
+options, k_schedule, model}, `model` (optional) holding model fields that differ for that variant
+(chain_iterations, expert_pool, expert_widths, ...). Every field is checked before anything trains; an error names the field and the valid values.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - PER_VARIANT
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 MODEL_INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every",
                     "shared_experts", "max_seq_len")
-VARIANT_FIELDS = {"name", "router", "options", "k_schedule"}
+VARIANT_FIELDS = {"name", "router", "options", "k_schedule", "model"}
 # A variant name is a folder name: no "." or "..", no hidden names, short enough for every file system.
 MAX_NAME = 100
 VARIANT_NAME = rf"[A-Za-z0-9][A-Za-z0-9_.+-]{{0,{MAX_NAME - 1}}}"
@@ -253,6 +254,10 @@ def validate(cfg: dict[str, Any]) -> list[str]:
                 f"{where}.k_schedule must be null or a mapping {{shape, k_max, k, match_budget}}, "
                 f"got {short_repr(v['k_schedule'])}"
             )
+        if "model" in v:  # per-variant model fields (chain_iterations, expert_pool, ...) over the shared `model`
+            if not isinstance(v["model"], dict):
+                raise ConfigError(f"{where}.model must be a mapping of model fields, got {short_repr(v['model'])}")
+            _fields(f"{where}.model", v["model"], MODEL_FIELDS)
         if v["router"] not in registered:
             notes.append(
                 f"skipping variant {v['name']!r}: router {short_repr(v['router'])} is not registered in this installation"
@@ -291,7 +296,7 @@ def check_variant(cfg: dict[str, Any], v: dict[str, Any], where: str) -> None:
 
 def model_config(cfg: dict[str, Any], variant: dict[str, Any], *, vocab_size: int) -> ModelConfig:
     return ModelConfig(
-        **cfg["model"], vocab_size=vocab_size, router=variant["router"],
+        **{**cfg["model"], **(variant.get("model") or {})}, vocab_size=vocab_size, router=variant["router"],
         router_options=dict(variant.get("options") or {}), k_schedule=variant.get("k_schedule"),
     )
 

@@ -350,7 +350,9 @@ def run_variant(
         "val_loss_by_domain": final["val_loss_by_domain"],
         "mean_experts_per_token": mean_ept,
         "experts_per_token_by_layer": ept,
-        "active_expert_flops_vs_topk": mean_ept / reference_k,
+        # routed-expert FLOPs per token and MoE layer (widths and Chain-of-Experts repeats counted) ÷ top-k's
+        "active_expert_flops_vs_topk": _mean(final["active_expert_flops_by_layer"]) / reference_k,
+        "active_expert_flops_by_layer": final["active_expert_flops_by_layer"],
         "imbalance_max_over_mean": _mean(final["imbalance_max_over_mean"]),
         "imbalance_cv": _mean(final["imbalance_cv"]),
         "imbalance_max_over_mean_by_layer": final["imbalance_max_over_mean"],
