@@ -42,6 +42,8 @@ CASES = [
     ("pregate", dict(k=1, aux_loss_coef=0.0)),
     ("similarity", {}),
     ("similarity", dict(kernel="cosine", causal=False, k=1)),
+    ("prototype", {}),
+    ("prototype", dict(k=1, rcl_coef=0.5, aux_loss_coef=0.0, temperature=3.0)),
 ]
 
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]
