@@ -141,7 +141,9 @@ def test_evaluate_reports_active_flops_per_layer_from_widths_and_chain_repeats()
 
 @pytest.mark.parametrize("field, value, message", [
     ("chain_iterations", 0, "model.chain_iterations must be an integer from 1 to 16"),
-    ("expert_pool", "global", "model.expert_pool must be one of per_layer, unipool"),
+    ("expert_pool", "global", "model.expert_pool must be one of per_layer, unipool, rexmoe"),
+    ("reuse_window", 1, "model.reuse_window=1 needs model.expert_pool: rexmoe"),
+    ("reuse_window", -1, "model.reuse_window must be an integer >= 0"),
     ("expert_widths", [8, 8], "model.expert_widths must be null or a list of num_experts=8"),
 ])
 def test_bad_depth_options_fail_clearly(field, value, message):
@@ -154,3 +156,43 @@ def test_default_options_leave_the_saved_config_as_before():
         "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every", "shared_experts",
         "dense_d_ff", "max_seq_len", "rope_base", "router", "router_options", "k_schedule"}
     assert ModelConfig(chain_iterations=2).to_dict()["chain_iterations"] == 2
+
+
+def test_rexmoe_with_window_0_equals_the_plain_per_layer_model():
+    rex = _tiny(expert_pool="rexmoe", reuse_window=0)
+    plain = _tiny()
+    state = {k.replace(".experts.banks.0.", ".experts."): v for k, v in rex.state_dict().items()}
+    plain.load_state_dict(state)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    loss_rex, loss_plain = rex(ids, ids)[1], plain(ids, ids)[1]
+    torch.testing.assert_close(loss_rex, loss_plain, rtol=0, atol=0)
+    loss_rex.backward()
+    loss_plain.backward()
+    for (name, a), b in zip(rex.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_rexmoe_layers_route_over_their_neighbours_experts_equal_to_a_plain_loop():
+    from routelab.experts.reused import ReusedExperts, window
+
+    assert window(0, 4, 1) == [0, 1, 2] and window(2, 4, 1) == [1, 2, 3] and window(3, 4, 1) == [1, 2, 3]
+    model = _tiny(expert_pool="rexmoe", reuse_window=1)
+    layers = model.moe_layers
+    assert all(layer.router.num_experts == 12 for layer in layers)
+    assert layers[0].experts.banks[1] is layers[1].experts.banks[1]  # the same tensors, reused
+    torch.manual_seed(4)
+    layer = layers[1]
+    x = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    w_gu = torch.cat([b.w_gate_up for b in layer.experts.banks])
+    w_dn = torch.cat([b.w_down for b in layer.experts.banks])
+    ref = reference_moe(x, reference_topk(x, layer.router.gate.weight, k=2, normalize="selected"), w_gu, w_dn)
+    torch.testing.assert_close(y, ref)
+    params = [x, layer.router.gate.weight, *[b.w_gate_up for b in layer.experts.banks]]
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b)
+    for bank in layer.experts.banks:  # the generic (unfused) path gives the same output
+        bank.fused = False
+    torch.testing.assert_close(layer(x), ref)
+    assert isinstance(layer.experts, ReusedExperts)

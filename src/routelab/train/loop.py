@@ -261,7 +261,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     layers = model.moe_layers
-    E = model.config.num_experts
+    E = layers[0].router.num_experts if layers else model.config.num_experts  # ReXMoE layers route over more
     n_layers = len(layers)
     total_loss, total_tokens = 0.0, 0
     by_domain: dict[str, float] = {}
