@@ -105,7 +105,7 @@ def test_bad_input_fails_clearly_before_training(tmp_path, capsys, extra, messag
     assert not out.exists()  # nothing was trained or written
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", ["smoke", "default"])
 def test_presets_are_valid_and_cover_the_router_families(preset):
     raw = load_preset(preset)
     assert {v["router"] for v in raw["variants"]} >= ZOO

@@ -109,3 +109,16 @@ def test_compare_seeds_2_on_the_smoke_preset_end_to_end(tmp_path, monkeypatch, c
     capsys.readouterr()
     assert main([*args, "--seeds", "3", "--out", str(out), "--resume"]) == 2  # another seed count: another config
     assert "different configuration" in capsys.readouterr().err
+
+
+def test_depth_and_paper_presets_hold_the_new_methods_and_three_seeds():
+    depth, notes = resolve(preset="depth")  # builds every variant's routers and a meta model: options are checked
+    assert not notes and depth["seeds"] == 3 and depth["variants"][0]["name"] == "topk"
+    by_name = {v["name"]: v for v in depth["variants"]}
+    assert set(by_name) == {"topk", "chain_of_experts", "unipool", "rexmoe", "prototype", "duo"}
+    assert by_name["chain_of_experts"]["model"] == {"chain_iterations": 2}
+    assert by_name["rexmoe"]["model"]["expert_pool"] == "rexmoe" and by_name["prototype"]["router"] == "prototype"
+    paper, _ = resolve(preset="paper")
+    assert paper["seeds"] == 3 and paper["model"]["d_model"] > depth["model"]["d_model"]
+    with pytest.raises(ConfigError, match=r"variants\[0\].model: unknown field\(s\) chain"):
+        resolve(preset="smoke", base={**depth, "variants": [{"router": "topk", "model": {"chain": 2}}]})

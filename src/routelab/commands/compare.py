@@ -15,7 +15,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Train the same small MoE language model once per router variant, with the same seed, data, "
         "batch order and token budget, and write a report folder (report.md, results.json, plots, config.yaml).",
     )
-    parser.add_argument("--preset", default="default", help="smoke (under a minute) or default (default: %(default)s)")
+    parser.add_argument("--preset", default="default", help="smoke (under a minute), default (about 10 minutes), "
+                         "depth (routing across layers and depth, 3 seeds) or paper (about an hour, estimated; 3 seeds) "
+                         "(default: %(default)s)")
     parser.add_argument("--routers", nargs="+", metavar="NAME",
                          help="variants or routers to run, comma- or space-separated (default: every preset entry "
                          "whose router is registered)")

@@ -27,7 +27,7 @@ from routelab._checks import INT64_MAX, short_repr
 from routelab.train.loop import TrainConfig
 from routelab.train.memory import check_training_memory
 
-PRESETS = ("smoke", "default")
+PRESETS = ("smoke", "default", "depth", "paper")
 TOP_FIELDS = {"description", "data", "model", "train", "reference_k", "seeds", "variants"}
 MAX_SEEDS = 100
 DATA_FIELDS = {"source", "files", "max_chars", "vocab_size", "val_fraction"}

@@ -52,6 +52,7 @@ def describe_options(v: dict[str, Any]) -> str:
         s = v["k_schedule"]
         ks = [o.get("k", o.get("max_k")) for o in v.get("per_layer_options", [])]
         parts.append(f"k_schedule={s.get('shape')} (k per layer {ks})")
+    parts += [f"model.{k}={val}" for k, val in (v.get("model") or {}).items()]
     return ", ".join(parts) or "defaults"
 
 

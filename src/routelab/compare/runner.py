@@ -231,7 +231,7 @@ def combine_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
 
     wall = sum(r.get("wall_seconds", 0.0) for r in runs)
     failed = [(s, r) for s, r in zip(seeds, runs) if "error" in r]
-    base = {k: runs[0][k] for k in ("name", "router", "options", "k_schedule")}
+    base = {k: runs[0][k] for k in ("name", "router", "options", "k_schedule", "model") if k in runs[0]}
     if failed:
         seed, r = failed[0]
         return {**base, "error": f"seed {seed}: {r['error']}", "seeds": seeds, "runs": runs, "wall_seconds": wall}
@@ -319,6 +319,8 @@ def run_variant(
     mc = model_config(cfg, variant, vocab_size=data.vocab_size)
     base = {"name": variant["name"], "router": variant["router"], "options": variant.get("options") or {},
             "k_schedule": variant.get("k_schedule")}
+    if variant.get("model"):
+        base["model"] = variant["model"]
     t0 = time.perf_counter()
     try:
         run = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc=desc,
