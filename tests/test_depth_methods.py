@@ -196,3 +196,22 @@ def test_rexmoe_layers_route_over_their_neighbours_experts_equal_to_a_plain_loop
         bank.fused = False
     torch.testing.assert_close(layer(x), ref)
     assert isinstance(layer.experts, ReusedExperts)
+
+
+@pytest.mark.parametrize("changes", [dict(chain_iterations=2), dict(expert_pool="unipool"),
+                                     dict(expert_pool="rexmoe", reuse_window=1), dict(expert_widths=[6, 24, 12, 12])],
+                         ids=["chain", "unipool", "rexmoe", "widths"])
+def test_models_with_depth_options_decode_as_a_full_recompute(changes):
+    from routelab.models.decoding import generate
+
+    model = _tiny(**changes).eval()
+    prompt = [3, 17, 5, 42, 8]
+    ids, want = list(prompt), []
+    with torch.no_grad():
+        for _ in range(6):
+            last = model(torch.tensor([ids]))[0][0, -1]
+            want.append(last)
+            ids.append(int(last.argmax()))
+    got = generate(model, [prompt], max_new_tokens=6, keep_logits=True)
+    assert got.tokens == [ids[len(prompt):]]
+    torch.testing.assert_close(got.logits[0].double(), torch.stack(want).double(), atol=1e-6, rtol=0)  # fp32 logits kept
