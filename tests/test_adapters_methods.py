@@ -10,7 +10,6 @@ from torch import nn
 import routelab
 from routelab.adapters import add_lora_experts, rloo_loss, routed_lora_layers
 from routelab.adapters.wrap import AdapterSpec
-from routelab.routing.base import RoutingContext
 
 D, O = 12, 9
 

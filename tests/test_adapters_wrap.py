@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import routelab
-from routelab.adapters import add_lora_experts, adapter_aux_loss, load_adapters, routed_lora_layers, save_adapters
+from routelab.adapters import adapter_aux_loss, add_lora_experts, load_adapters, routed_lora_layers, save_adapters
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff=48, num_experts=4, moe_every=2)
@@ -172,3 +172,17 @@ def test_save_and_load_refuse_bad_paths(tmp_path):
     (tmp_path / "a" / "adapters.json").write_text("{not json")
     with pytest.raises(ValueError, match="adapters.json"):
         load_adapters(nn.Sequential(nn.Linear(8, 8)), tmp_path / "a")
+
+
+def test_id_routers_get_the_models_input_ids():
+    """hash routing reads RoutingContext.token_ids: the wrapped model hands its input ids to every adapter, so the
+    same token id goes to the same LoRA expert wherever it appears."""
+    model = _lm()
+    add_lora_experts(model, target_modules=["qkv"], num_experts=4, r=2, router="hash", verbose=False)
+    ids = torch.tensor([[5, 9, 5, 17, 9, 5]])
+    model(ids)
+    decision = routed_lora_layers(model)["blocks.0.attn.qkv"].last_decision
+    from routelab.routing.hashing import hash_ids
+
+    assert torch.equal(decision.token_index, torch.arange(6))
+    assert torch.equal(decision.expert_index, hash_ids(ids.reshape(-1), 0) % 4)

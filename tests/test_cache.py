@@ -227,3 +227,21 @@ def test_sweep_and_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     full = [r for r in results if r.capacity == 8]
     assert len({r.misses for r in full}) == 1  # capacity = E: only first uses miss, whatever the policy
+
+
+def test_local_consistency_splits_the_trace_by_sequence():
+    from routelab.inference.cache import local_consistency
+    from routelab.inference.consistency import sch, srp
+
+    # two interleaved sequences (as a batched decode records them): 0 uses experts {0, 1}, 1 uses {2, 3}
+    rows = [[0, 1], [2, 3]] * 6
+    trace = make_trace([rows], 4)
+    trace = RoutingTrace(**{**{f: getattr(trace, f) for f in trace.__dataclass_fields__},
+                            "sequence_ids": np.array([0, 1] * 6, dtype=np.int32)})
+    (got,) = local_consistency(trace, [2], m=4)
+    seq0 = torch.zeros(6, 4, dtype=torch.bool)
+    seq0[:, :2] = True
+    seq1 = torch.zeros(6, 4, dtype=torch.bool)
+    seq1[:, 2:] = True
+    assert got["srp"] == srp([seq0, seq1], 4) == 1.0  # constant routing within each sequence
+    assert got["sch"][2] == sch([seq0, seq1], 4, 2) == 20 / 24  # only the 4 first uses miss

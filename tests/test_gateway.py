@@ -701,7 +701,8 @@ def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
 
 def test_routers_must_route_to_pool_models_and_follow_the_protocol(upstreams):
     pool = parse_pool(pool_data(upstreams[0].url, upstreams[1].url), environ={"STUB_KEY": "k"})
-    with pytest.raises(ValueError, match="router 'kw' routes to 'elsewhere', which the pool does not define"):
+    with pytest.raises(GatewayConfigError, match="^<pool>: routers.kw: router 'kw' routes to 'elsewhere', which the "
+                       "pool does not define"):
         create_app(pool, {"kw": KeywordRouter(("strong", "elsewhere"))})
     broken = KeywordRouter()
     broken.knob_name = "temperature"
@@ -743,3 +744,24 @@ def test_fallback_when_an_upstream_cannot_be_reached(upstreams, tmp_path):
         assert [(a["model"], a["status"]) for a in record["attempts"]] == [("strong", "connection"), ("weak", "ok")]
         r = c.post("/v1/chat/completions", json=chat("strong", "a hard question"))
         assert r.status_code == 502 and "cannot reach upstream strong" in r.json()["error"]["message"]
+
+
+class ScoresTakingRouter(KeywordRouter):
+    """KeywordRouter whose route takes the predicted scores, as routelab's query routers do."""
+
+    def route(self, prompts, *, willingness_to_pay, scores_NM=None):
+        if scores_NM is None:
+            scores_NM = self.predict(prompts)
+        return np.argmax(scores_NM - willingness_to_pay * self.cost_M, axis=1)
+
+
+def test_a_router_that_takes_its_scores_predicts_once_per_request(upstreams):
+    pool = parse_pool(pool_data(upstreams[0].url, upstreams[1].url), environ={"STUB_KEY": "k"})
+    router = ScoresTakingRouter()
+    app = create_app(pool, {"kw": router})
+    before = router.calls  # startup routes a probe prompt with each configured knob
+    with ServerThread(app) as gateway, httpx.Client(base_url=gateway.url) as c:
+        for text, expected in [("a hard one", "strong"), ("an easy one", "weak")]:
+            r = c.post("/v1/chat/completions", json=chat("router-kw-0.2", text))
+            assert r.json()["model"] == expected
+    assert router.calls - before == 2

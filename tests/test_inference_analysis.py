@@ -117,7 +117,14 @@ def test_cli_analyze_and_sweep_end_to_end(saved, capsys):
     result = json.loads((saved / "an" / "analysis.json").read_text())
     assert result["domains"] == ["prose", "code"] and len(result["layers"]) == 2
     assert "SRP m=4" in (saved / "an" / "report.md").read_text()
+    (saved / "an" / "notes.txt").write_text("mine")
     assert main(["analyze", str(saved / "model"), *common, "--out", str(saved / "an")]) == 0  # its own folder: ok
+    assert (saved / "an" / "notes.txt").read_text() == "mine"  # a user's file beside the report is left alone
+    foreign = saved / "foreign-ok"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("theirs")
+    assert main(["analyze", str(saved / "model"), *common, "--out", str(foreign), "--overwrite"]) == 0
+    assert (foreign / "keep.txt").read_text() == "theirs" and (foreign / "report.md").is_file()
 
     assert main(["sweep", str(saved / "model"), *common, "--k", "1,2", "--skip", "0.3", "--out",
                  str(saved / "sw")]) == 0
@@ -133,7 +140,8 @@ def test_cli_analyze_and_sweep_end_to_end(saved, capsys):
     (["analyze", "MODEL", "--seq-len", "65"], "exceeds the model's max_seq_len 64"),
     (["analyze", "MODEL", "--segment-lengths", "0"], "--segment-lengths must be integers >= 1"),
     (["analyze", "NOWHERE"], "not a model folder"),
-    (["analyze", "MODEL", "--out", "FOREIGN"], "non-empty folder without analysis.json"),
+    (["analyze", "MODEL", "--out", "FOREIGN"], "is not empty and is not a routelab run"),
+    (["sweep", "MODEL", "--out", "ANALYSIS"], "holds a `routelab analyze` run"),
     (["sweep", "MODEL", "--data", "MISSING"], "data file not found"),
 ])  # fmt: skip
 def test_cli_bad_input(saved, capsys, args, message):
@@ -141,7 +149,10 @@ def test_cli_bad_input(saved, capsys, args, message):
     foreign.mkdir(exist_ok=True)
     (foreign / "keep.txt").write_text("not routelab's")
     subst = {"MODEL": str(saved / "model"), "NOWHERE": str(saved / "nowhere"), "FOREIGN": str(foreign),
-             "MISSING": str(saved / "missing.txt")}
+             "MISSING": str(saved / "missing.txt"), "ANALYSIS": str(saved / "an")}
+    if "ANALYSIS" in args and not (saved / "an").exists():  # when run alone: make the analyze report first
+        assert main(["analyze", str(saved / "model"), "--data", str(saved / "prose.txt"), "--seq-len", "16",
+                     "--windows", "2", "--out", str(saved / "an")]) == 0
     argv = [subst.get(a, a) for a in args]
     if "--data" not in argv:
         argv += ["--data", str(saved / "prose.txt")]

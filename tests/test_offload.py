@@ -250,13 +250,22 @@ def test_cli_trace_cache_sim_and_offloaded_generate(tmp_path, capsys):
     trace_path = tmp_path / "t.safetensors"
     assert main(["trace", str(folder), "--data", str(data), "--out", str(trace_path), "--seq-len", "32",
                  "--max-tokens", "300"]) == 0
+    gen_path = tmp_path / "gen.safetensors"
+    assert main(["trace", str(folder), "--data", str(data), "--out", str(gen_path), "--seq-len", "6",
+                 "--max-tokens", "12", "--generate", "3", "--prefill-chunk", "1"]) == 0
+    from routelab.inference.trace import load_trace
+
+    gen = load_trace(gen_path)  # 2 prompts of 6 tokens fed one by one, then 2 new tokens fed back each
+    assert gen.num_steps == 2 * (6 + 2) and gen.sequence_ids.tolist() == [0] * 8 + [1] * 8
+    assert gen.positions.tolist() == list(range(8)) * 2
     out = tmp_path / "sim"
     assert main(["cache-sim", str(trace_path), "--capacity", "2,4,8", "--granularity", "token", "--out",
                  str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| belady | 4 |" in printed and "| pregated | 2 |" in printed
+    assert "| belady | 4 |" in printed and "| pregated | 2 |" in printed and "SRP(16)" in printed
     result = json.loads((out / "cache_sim.json").read_text())
     assert {r["policy"] for r in result["results"]} == {"lru", "lfu", "arc", "belady", "pregated"}
+    assert [row["layer"] for row in result["local_consistency"]] == [0, 1, 2]
     assert (out / "hit_rate.png").read_bytes()[:4] == b"\x89PNG"
     # errors: one line, exit 2; nothing of the user's is overwritten
     precious = tmp_path / "precious.safetensors"
@@ -287,3 +296,27 @@ def test_cli_trace_cache_sim_and_offloaded_generate(tmp_path, capsys):
     assert main(["generate", str(folder), "--prompt", "x", "--offload", "--store", str(tmp_path / "experts")]) == 2
     err = capsys.readouterr().err
     assert "below the 2 experts" in err and "need --offload" in err and "not empty" in err
+
+
+def test_a_forward_with_gradients_takes_the_differentiable_path(tmp_path):
+    model, resident = twin_models()
+    offload_experts(model, tmp_path / "s", capacity=8)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    logits, _ = model(ids)
+    want, _ = resident(ids)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
+    logits.sum().backward()  # reaches the routers and attention through the offloaded experts
+    grad = model.moe_layers[0].router.gate.weight.grad
+    resident_logits, _ = resident(ids)
+    resident_logits.sum().backward()
+    torch.testing.assert_close(grad, resident.moe_layers[0].router.gate.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_prefill_bit_identical_where_the_resident_kernel_choice_matters(tmp_path):
+    # 80 assignments of 64-wide experts: past the tiny-S kernel's assignment limit, within its weight budget; the
+    # offloaded bank must make the resident dispatcher's choice (LocalDispatcher.takes_decode_path) to stay exact.
+    model, resident = twin_models(sizes=dict(d_model=64, d_ff=64, n_layers=2))
+    offload_experts(model, tmp_path / "s", capacity=8)
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids)[0], resident(ids)[0])

@@ -222,6 +222,7 @@ def test_calibrate_willingness_to_pay(fitted3, table3):
         lam = calibrate(router, test, target)
         got = (router.route(test.prompts, willingness_to_pay=lam) == router.strong).mean()
         assert abs(got - target) <= 0.05, (target, got)
+    assert calibrate(router, test, min(1.0, top + 0.2)) == 0.0  # out of reach: the closest, λ = 0
 
 
 def test_wordllama_loads_offline_without_a_socket(monkeypatch):

@@ -263,7 +263,7 @@ def _finetune_one(base, name, spec, targets, new, new_val, orig_val, cfg: TrainC
             group["lr"] = lr_at(step, cfg)
         inputs, targets_ = new.batch(step, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
 
-        def lm_loss(per_sequence: bool = False):
+        def lm_loss(per_sequence: bool = False, inputs=inputs, targets_=targets_):
             logits = model(inputs)[0]
             nll = F.cross_entropy(logits.transpose(1, 2).float(), targets_, reduction="none")  # [B, L]
             return nll.mean(1) if per_sequence else nll.mean()

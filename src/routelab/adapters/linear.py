@@ -10,10 +10,10 @@ Executions (equal in exact arithmetic; `tests/test_adapters_execution.py` checks
   runs as two large matmuls with no gather, sort or Python loop.
 - grouped: the assignments sorted by expert (`routelab.dispatch.make_plan`), one small matmul pair per expert on its
   rows only, scatter-added back. Exact active FLOPs, but row gathers, scatters and E small matmuls.
-`benchmarks/lora.py` times both; "auto" picks stacked while the stacked rank E·R is at most `STACKED_MAX_RANK`: on
-CPU the stacked form was faster at every E measured (E·R up to 512, k=2), since small matmuls and row gathers do not
-get cheaper in proportion to their size; past that the stacked form's E/k-fold waste is left to the grouped form.
-
+`benchmarks/lora.py` times both; "auto" picks stacked while the stacked rank E·R is at most `STACKED_MAX_RANK` = 128,
+the measured crossover at k=2, R=8 on CPU with one thread (E=8: stacked 1.23-1.45x the rank-16 LoRA linear, grouped
+1.81-1.85x; E=16: equal; E=32: grouped 1.72x vs 2.26x; E=64: 2.15x vs 3.71x). With two threads on an overloaded
+machine the grouped form's many small ops each waited for the second core and stacked won at every E.
 The stacked form is plain autograd; the grouped form is one custom autograd function (`_grouped.py`, gradchecked).
 """
 
@@ -32,7 +32,7 @@ from routelab.routing.base import RoutingContext, RoutingDecision
 
 EXECUTIONS = ("auto", "stacked", "grouped")
 # "auto" uses the stacked form up to this many stacked ranks E·R (see benchmarks/lora.py for the measurement).
-STACKED_MAX_RANK = 512
+STACKED_MAX_RANK = 128
 
 
 def stacked_lora(h_TER: Tensor, gate_TE: Tensor, B_ERO: Tensor) -> Tensor:
@@ -154,6 +154,9 @@ class RoutedLoRALinear(nn.Module):
         self.spec = spec  # the AdapterSpec that built the adapter (add_lora_experts sets it; save_adapters needs it)
         self.last_decision: RoutingDecision | None = None
         self.last_adapter_flops: float = 0.0
+        # The model's input ids of the current forward, set by the hook add_lora_experts puts on the model, for
+        # routers that read RoutingContext.token_ids (hash routing); used when they match this layer's tokens.
+        self.token_ids: Tensor | None = None
 
     # Code written for an nn.Linear reads these (e.g. a model checking `proj.weight.dtype`).
     @property
@@ -175,7 +178,8 @@ class RoutedLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         x_TD = x.reshape(-1, self.in_features)
-        ctx = RoutingContext(batch_shape=tuple(x.shape[:-1]))
+        ids = self.token_ids if self.token_ids is not None and self.token_ids.numel() == x_TD.shape[0] else None
+        ctx = RoutingContext(batch_shape=tuple(x.shape[:-1]), token_ids=ids)
         delta_TO, decision = self.adapter(x_TD, ctx)
         self.last_decision = None if decision is None else decision.detached()
         self.last_adapter_flops = self.adapter.adapter_flops(decision)
@@ -203,3 +207,13 @@ def adapter_aux_loss(model: nn.Module) -> Tensor:
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)
     return sum(losses[1:], losses[0])
+
+
+def capture_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on a wrapped model: hand its input ids (the first positional argument or `input_ids`, when
+    an integer tensor) to every routed-LoRA linear, so that id-based routers (hash) work inside any model."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex():
+        ids = None
+    for layer in routed_lora_layers(model).values():
+        layer.token_ids = ids

@@ -22,7 +22,13 @@ from torch import Tensor, nn
 
 from routelab.adapters._router import build_router
 from routelab.adapters.linear import (
-    LoRAExperts, grouped_lora, init_lora_pair, mean_per_token, resolve_execution, router_flops, stacked_lora,
+    LoRAExperts,
+    grouped_lora,
+    init_lora_pair,
+    mean_per_token,
+    resolve_execution,
+    router_flops,
+    stacked_lora,
 )
 from routelab.routing.base import RoutingContext, RoutingDecision
 
@@ -31,7 +37,6 @@ class MoLoRA(LoRAExperts):
     """E LoRA experts of rank r: A [E, r, D], B [E, r, O] (B stored transposed so both stack as views)."""
 
     method = "molora"
-    router_defaults: dict[str, Any] = {}
 
     def __init__(self, in_features: int, out_features: int, *, num_experts: int = 8, r: int = 8, alpha: float = 16,
                  dropout: float = 0.0, router: str = "topk", router_options: dict[str, Any] | None = None,
@@ -51,7 +56,8 @@ class MoLoRA(LoRAExperts):
         return self.num_experts
 
     def default_router_options(self) -> dict[str, Any]:
-        return dict(self.router_defaults)
+        """Router options a method fills in where the user gives none (MoLoRA: the router's own defaults)."""
+        return {}
 
     def options(self) -> dict[str, Any]:
         return {}

@@ -12,7 +12,7 @@ from torch import nn
 from routelab._checks import check_bool, check_choice
 from routelab.adapters.flylora import FlyLoRA
 from routelab.adapters.hydra import HydraLoRA
-from routelab.adapters.linear import LoRAExperts, RoutedLoRALinear, routed_lora_layers
+from routelab.adapters.linear import LoRAExperts, RoutedLoRALinear, capture_token_ids, routed_lora_layers
 from routelab.adapters.lora import PlainLoRA
 from routelab.adapters.mhr import MHRLoRA
 from routelab.adapters.molora import MoLoRA
@@ -118,11 +118,11 @@ def matching_linears(model: nn.Module, target_modules: Sequence[str] | str) -> l
             pattern = re.compile(target_modules)
         except re.error as exc:
             raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
-        matches = lambda name: pattern.fullmatch(name) is not None  # noqa: E731
+        matches = lambda name: pattern.fullmatch(name) is not None
     elif isinstance(target_modules, (list, tuple, set)) and target_modules and all(
             isinstance(t, str) and t for t in target_modules):
         keys = list(target_modules)
-        matches = lambda name: any(name == t or name.endswith("." + t) for t in keys)  # noqa: E731
+        matches = lambda name: any(name == t or name.endswith("." + t) for t in keys)
     else:
         raise ValueError("target_modules must be a non-empty list of module names (suffixes) or a regex string, "
                          f"got {target_modules!r}")
@@ -160,6 +160,7 @@ def wrap_layers(model: nn.Module, names: list[str], spec: AdapterSpec) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, RoutedLoRALinear(getattr(parent, child), adapter, spec))
+    model.register_forward_pre_hook(capture_token_ids, with_kwargs=True)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

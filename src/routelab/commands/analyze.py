@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from routelab.commands import fail
 
@@ -19,7 +20,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="a model folder (routelab train / save_model)")
     parser.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files, one domain each (default: "
                         "the held-out validation part of the built-in corpus, domains prose and code)")
-    parser.add_argument("--out", required=True, help="report folder (new, empty, or an earlier analyze report)")
+    parser.add_argument("--out", required=True, help="report folder: new, empty, or an earlier `routelab analyze` "
+                        "report (its files are replaced); another non-empty folder is refused (see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out that is not a routelab analyze run (files of the same "
+                        "names are replaced; nothing else is deleted)")
     add_window_options(parser)
     parser.add_argument("--segment-lengths", default="1,4,16,64", help="SRP/SCH segment lengths m (default %(default)s)")
     parser.add_argument("--cache-size", type=int, help="SCH cache size per layer (default: 2 × experts per token)")
@@ -33,20 +38,22 @@ def add_window_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
 
 
-def load_inputs(command: str, args: argparse.Namespace, marker: str):
-    """(model, tokenizer, {domain: (eval, calibration)}, out) after validating every argument, or an exit code."""
+def load_inputs(command: str, args: argparse.Namespace, outputs: tuple[str, ...]):
+    """(model, tokenizer, {domain: (eval, calibration)}, layout) after validating every argument (--out by
+    routelab._runs' rules: nothing is written yet), or an exit code."""
     import torch
 
     import routelab
+    from routelab._runs import RunLayout, check_out
     from routelab.data.corpus import DataError
-    from routelab.inference.analysis import check_out_folder
     from routelab.inference.windows import text_windows
 
     for name in ("seq_len", "windows", "batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return fail(command, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    layout = RunLayout(command, {"": outputs})
     try:
-        out = check_out_folder(args.out, marker)
+        check_out(args.out, layout, overwrite=args.overwrite)
         model, tokenizer = routelab.load_model(args.model)
     except (ValueError, OSError) as exc:
         return fail(command, exc)
@@ -59,7 +66,18 @@ def load_inputs(command: str, args: argparse.Namespace, marker: str):
         domains = text_windows(args.data, tokenizer, seq_len=args.seq_len, max_windows=args.windows)
     except DataError as exc:
         return fail(command, exc)
-    return model, tokenizer, domains, out
+    return model, tokenizer, domains, layout
+
+
+def claim(command: str, args: argparse.Namespace, layout) -> Path | int:
+    """Claim --out (marker; an earlier report's files removed) just before writing; the folder, or an exit code."""
+    from routelab._runs import claim_out
+
+    try:
+        claim_out(args.out, layout, resume=False, overwrite=args.overwrite)
+    except (ValueError, OSError) as exc:
+        return fail(command, exc)
+    return Path(args.out)
 
 
 def parse_list(flag: str, text: str | None, kind: type) -> list:
@@ -81,15 +99,18 @@ def run(args: argparse.Namespace) -> int:
         return fail("analyze", f"--segment-lengths must be integers >= 1, got {args.segment_lengths!r}")
     if args.cache_size is not None and args.cache_size < 1:
         return fail("analyze", f"--cache-size must be >= 1, got {args.cache_size}")
-    loaded = load_inputs("analyze", args, "analysis.json")
+    from routelab.inference.analysis import OUTPUTS, analyze, write_analysis
+
+    loaded = load_inputs("analyze", args, OUTPUTS)
     if isinstance(loaded, int):
         return loaded
-    model, tokenizer, domains, out = loaded
-    from routelab.inference.analysis import analyze, write_analysis
-
+    model, tokenizer, domains, layout = loaded
     result = analyze(model, {d: w[0] for d, w in domains.items()}, tokenizer=tokenizer, batch_size=args.batch_size,
                      segment_lengths=ms, cache_size=args.cache_size)
     result["model"] = str(args.model)
+    out = claim("analyze", args, layout)
+    if isinstance(out, int):
+        return out
     write_analysis(result, out, title=f"routelab analyze {args.model}")
     print(f"report: {out}/report.md")
     return 0

@@ -32,6 +32,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "4.0 x16)")
     parser.add_argument("--compute-us", type=float, default=50.0, help="compute per token and MoE layer in "
                         "microseconds, which prefetching overlaps (default: %(default)s)")
+    parser.add_argument("--segment", type=int, default=16, metavar="M", help="segment length of the local routing "
+                        "consistency metrics SRP(M) and SCH(M, capacity) reported beside the policies (default: "
+                        "%(default)s; 0 skips them)")
     parser.add_argument("--out", default=None, help="folder for the results (default: TRACE without its suffix + "
                         "'-cache-sim')")
     parser.set_defaults(run=run)
@@ -48,13 +51,17 @@ def _ints(text: str, option: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from routelab.inference.cache import GRANULARITIES, POLICIES, SCOPES, demand, plot_hit_rates, sweep_cache
+    from routelab.inference.cache import (
+        GRANULARITIES, POLICIES, SCOPES, demand, local_consistency, plot_hit_rates, sweep_cache,
+    )
     from routelab.inference.trace import TraceError, load_trace
 
     if args.scope not in SCOPES:
         return fail("cache-sim", f"--scope must be one of {', '.join(SCOPES)}; got {args.scope!r}")
     if args.granularity not in GRANULARITIES:
         return fail("cache-sim", f"--granularity must be one of {', '.join(GRANULARITIES)}; got {args.granularity!r}")
+    if args.segment < 0:
+        return fail("cache-sim", f"--segment must be >= 0, got {args.segment}")
     if not (args.bandwidth > 0 and args.compute_us >= 0):
         return fail("cache-sim", "--bandwidth must be > 0 and --compute-us >= 0")
     try:
@@ -92,12 +99,16 @@ def run(args: argparse.Namespace) -> int:
     from routelab._atomic import atomic_write_text
 
     table = render_table(results)
+    consistency = []
+    if args.segment:
+        consistency = local_consistency(trace, capacities, m=args.segment)
+        table += "\n\n" + render_consistency(consistency)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"format": "routelab-cache-sim", "trace": str(args.trace), "scope": args.scope,
                "granularity": args.granularity, "bandwidth": args.bandwidth, "compute_us": args.compute_us,
                "num_tokens": trace.num_tokens, "num_layers": L, "num_experts": trace.num_experts,
-               "results": [r.to_dict() for r in results]}
+               "results": [r.to_dict() for r in results], "local_consistency": consistency}
     atomic_write_text(out / "cache_sim.json", json.dumps(payload, indent=1) + "\n")
     atomic_write_text(out / "cache_sim.md", table + "\n")
     plot_hit_rates(results, out / "hit_rate.png", title=f"{Path(args.trace).name}: hit rate vs capacity")
@@ -112,6 +123,17 @@ def render_table(results) -> str:
         rec = "" if r.prediction_recall is None else f"{r.prediction_recall:.3f}"
         lines.append(f"| {r.policy} | {r.capacity} | {r.hit_rate:.3f} | {r.loads_per_token:.3f} | "
                      f"{r.bytes_per_token / 1e6:.4f} | {r.stall_s_per_token * 1e6:.2f} | {rec} |")
+    return "\n".join(lines)
+
+
+def render_consistency(rows: list[dict]) -> str:
+    caps = sorted(rows[0]["sch"]) if rows else []
+    m = rows[0]["m"] if rows else 0
+    head = f"| MoE layer | SRP({m}) | " + " | ".join(f"SCH({m}, {c})" for c in caps) + " |"
+    lines = [f"Local routing consistency (Not All Models Suit Expert Offloading; SCH is an oracle cache over the next "
+             f"{m} tokens, per token):", "", head, "|---|" + "---:|" * (len(caps) + 1)]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['srp']:.3f} | " + " | ".join(f"{r['sch'][c]:.3f}" for c in caps) + " |")
     return "\n".join(lines)
 
 

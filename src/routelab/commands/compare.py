@@ -94,5 +94,6 @@ def _run(args: argparse.Namespace) -> int:
     failed = [v for v in summary["variants"] if "error" in v]
     for v in failed if distributed.is_main() else []:
         print(f"variant {v['name']} failed: {v['error']}", file=sys.stderr)
-    print(f"report: {out}/report.md ({summary['wall_seconds']:.0f} s)")
+    if distributed.is_main():
+        print(f"report: {out}/report.md ({summary['wall_seconds']:.0f} s)")
     return 1 if failed else 0

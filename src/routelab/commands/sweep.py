@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from routelab.commands import fail
-from routelab.commands.analyze import add_window_options, load_inputs, parse_list
+from routelab.commands.analyze import add_window_options, claim, load_inputs, parse_list
 
 DEFAULT_TOP_P = [0.3, 0.5, 0.7, 0.9]
 DEFAULT_MIN_WEIGHT_RATIO = [0.2, 0.5]
@@ -23,7 +23,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="a model folder (routelab train / save_model)")
     parser.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files, one domain each (default: "
                         "the held-out validation part of the built-in corpus, domains prose and code)")
-    parser.add_argument("--out", required=True, help="report folder (new, empty, or an earlier sweep report)")
+    parser.add_argument("--out", required=True, help="report folder: new, empty, or an earlier `routelab sweep` "
+                        "report (its files are replaced); another non-empty folder is refused (see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out that is not a routelab sweep run (files of the same names "
+                        "are replaced; nothing else is deleted)")
     parser.add_argument("--k", help="top-k values, e.g. 1,2,4")
     parser.add_argument("--top-p", help="top-p values in (0, 1], e.g. 0.3,0.5,0.7")
     parser.add_argument("--min-weight-ratio", help="NAEE ratios β in [0, 1], e.g. 0.2,0.5")
@@ -40,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
         skips = parse_list("--skip", args.skip, float)
     except ValueError as exc:
         return fail("sweep", exc)
-    loaded = load_inputs("sweep", args, "sweep.json")
-    if isinstance(loaded, int):
-        return loaded
-    model, _, domains, out = loaded
     import torch
 
-    from routelab.inference.sweep import sweep, write_sweep
+    from routelab.inference.sweep import OUTPUTS, sweep, write_sweep
+
+    loaded = load_inputs("sweep", args, OUTPUTS)
+    if isinstance(loaded, int):
+        return loaded
+    model, _, domains, layout = loaded
 
     if not (ks or top_p or ratios or skips):
         ks = list(range(1, min(model.config.num_experts, 4) + 1))
@@ -68,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a router that overrides do not support
         return fail("sweep", exc)
     result["model"] = str(args.model)
+    out = claim("sweep", args, layout)
+    if isinstance(out, int):
+        return out
     write_sweep(result, out, title=f"routelab sweep {args.model}")
     rows = result["rows"]
     print(f"{'setting':<24} {'experts/tok':>11} {'FLOPs':>7} {'ppl':>9}")

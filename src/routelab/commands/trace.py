@@ -24,6 +24,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "%(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward, i.e. per trace step "
                         "(default: %(default)s)")
+    parser.add_argument("--generate", type=int, default=0, metavar="N", help="instead of one forward per sequence, "
+                        "use each sequence as a prompt and generate N tokens greedily (KV cache): the trace holds the "
+                        "prefill step and then one step per new token, as served")
+    parser.add_argument("--prefill-chunk", type=int, help="with --generate: prompt tokens per forward (default: the "
+                        "whole prompt; 1 traces what `routelab generate --offload` runs below full capacity)")
     parser.add_argument("--no-predict", action="store_true", help="skip the next-layer predictions (one router "
                         "call less per layer)")
     parser.set_defaults(run=run)
@@ -33,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("seq_len", "max_tokens", "batch_size"):
         if getattr(args, name) < 1:
             return fail("trace", f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.generate < 0:
+        return fail("trace", f"--generate must be >= 0, got {args.generate}")
+    if args.prefill_chunk is not None and (args.prefill_chunk < 1 or not args.generate):
+        return fail("trace", "--prefill-chunk needs --generate and must be >= 1")
     out = Path(args.out)
     problem = check_output_file(out)
     if problem:
@@ -51,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model)
     except ModelFolderError as exc:
         return fail("trace", exc)
-    seq_len = min(args.seq_len, model.config.max_seq_len)
+    seq_len = min(args.seq_len, model.config.max_seq_len - args.generate)
+    if seq_len < 1:
+        return fail("trace", f"--generate {args.generate} leaves no room for a prompt in the model's max_seq_len="
+                    f"{model.config.max_seq_len}")
     ids: list[int] = []
     for path in files:
         try:
@@ -65,7 +77,21 @@ def run(args: argparse.Namespace) -> int:
     if not ids:
         return fail("trace", "--data: the files hold no text to trace")
     sequences = [torch.tensor(ids[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
-    trace = record_trace(model, sequences, batch_size=args.batch_size, predict=not args.no_predict)
+    if args.generate:
+        from routelab.inference.trace import TraceRecorder
+        from routelab.models.decoding import generate, generation_problem
+
+        problem = generation_problem(model)
+        if problem is not None:
+            return fail("trace", f"{args.model}: {problem}")
+        with TraceRecorder(model, predict=not args.no_predict) as rec:
+            for i in range(0, len(sequences), args.batch_size):
+                rec.new_sequences()
+                batch = [s.tolist() for s in sequences[i : i + args.batch_size]]
+                generate(model, batch, max_new_tokens=args.generate, prefill_chunk=args.prefill_chunk)
+        trace = rec.trace()
+    else:
+        trace = record_trace(model, sequences, batch_size=args.batch_size, predict=not args.no_predict)
     save_trace(trace, out)
     print(f"routelab trace: {trace.num_tokens} tokens, {trace.num_steps} steps, {trace.num_layers} MoE layers "
           f"({trace.num_experts[0]} experts each) → {out}")

@@ -31,6 +31,7 @@ from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
 from routelab.data.dataset import TokenData, tokenize_domains
 from routelab._atomic import atomic_write_text
 from routelab._runs import RunLayout, check_out, claim_out
+from routelab.train import distributed
 from routelab.train.checkpoint import CHECKPOINT_JSON
 from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
 from routelab.models.io import MODEL_FILES, save_model
@@ -89,8 +90,6 @@ def _run_compare(
     cfg: dict[str, Any], *, out_dir: str | Path, resume: bool, overwrite: bool, quiet: bool, notes: list[str] | None,
     cache: Path | None, log: Callable[[str], None],
 ) -> dict[str, Any]:
-    from routelab.train import distributed
-
     main = distributed.is_main()  # under torchrun every rank trains every variant; rank 0 alone writes
     out = Path(out_dir)
     layout = compare_layout(cfg)
@@ -325,12 +324,15 @@ def run_variant(
     try:
         run = train(mc, train_cfg, data, out_dir=out_dir, resume=resume, progress=not quiet, desc=desc,
                     bar_position=bar_position, log=log)
-        save_model(run.model, data.tokenizer, out_dir / "model", training=json_safe({  # variants/<name>/model
-            "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
-            "final": {"val_loss": run.final["val_loss"], "val_loss_by_domain": run.final["val_loss_by_domain"]},
-        }))
+        if distributed.is_main():  # under torchrun run.model is consolidated on every rank; rank 0 writes it
+            save_model(run.model, data.tokenizer, out_dir / "model", training=json_safe({  # variants/<name>/model
+                "source": "routelab compare", "variant": base, "train": cfg["train"], "data": cfg["data"],
+                "final": {"val_loss": run.final["val_loss"], "val_loss_by_domain": run.final["val_loss_by_domain"]},
+            }))
     except Exception as exc:  # noqa: BLE001 — one broken router must not cost the others' results
+        distributed.barrier()
         return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
+    distributed.barrier()
     wall = time.perf_counter() - t0
     model, final = run.model, run.final
     model.eval()

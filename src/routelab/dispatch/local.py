@@ -51,12 +51,18 @@ class LocalDispatcher(Dispatcher):
     def can_fuse(self, experts: nn.Module) -> bool:
         return experts.swiglu_weights() is not None
 
+    def takes_decode_path(self, num_assignments: int, d_model: int, d_ff: int) -> bool:
+        """Whether `fused` runs a forward of this many assignments through the tiny-S kernel (`gathered_swiglu`)
+        rather than the sort-based one; a bank that fetches its weights (offloading) makes the same choice, so that
+        its outputs stay bit-identical to the resident bank's."""
+        gathered = num_assignments * d_model * 3 * d_ff  # weight elements the tiny-S path would copy
+        few = num_assignments <= DECODE_MAX_ASSIGNMENTS and gathered <= DECODE_MAX_GATHERED
+        return self.decode_fast_path and few and not torch.is_grad_enabled()
+
     def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
         w_gate_up_ED2F, w_down_EFD = experts.swiglu_weights()
         _, D, F2 = w_gate_up_ED2F.shape
-        gathered = decision.num_assignments * D * (F2 + F2 // 2)  # weight elements the tiny-S path would copy
-        few = decision.num_assignments <= DECODE_MAX_ASSIGNMENTS and gathered <= DECODE_MAX_GATHERED
-        if self.decode_fast_path and few and not torch.is_grad_enabled():
+        if self.takes_decode_path(decision.num_assignments, D, F2 // 2):
             return gathered_swiglu(x_TD, decision.token_index, decision.expert_index, decision.weight, w_gate_up_ED2F,
                                    w_down_EFD)
         plan = make_plan(decision)

@@ -149,6 +149,7 @@ def _cpu(decision):
 
 PLOTS = {"load": "expert_load.png", "domains": "domain_share.png", "similarity": "domain_similarity.png",
          "consistency": "consistency.png"}
+OUTPUTS = ("report.md", "analysis.json", *PLOTS.values())  # every file write_analysis may write
 
 
 def write_analysis(result: dict[str, Any], out: str | Path, *, title: str = "routelab analyze") -> list[Path]:
@@ -304,22 +305,3 @@ def _plot_consistency(result: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=7)
     return _save(fig, path)
 
-
-def check_out_folder(out: str | Path, marker: str) -> Path:
-    """`out` as a report folder routelab may write into: new, empty, or one holding `marker` (a report of the same
-    kind, whose files are replaced). Anything else raises a ValueError naming --out: routelab never writes into a
-    folder it did not make."""
-    out = Path(out)
-    if out.is_symlink():
-        raise ValueError(f"--out {out} is a symbolic link; give a real folder")
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder (new or empty)")
-        if any(out.iterdir()) and not (out / marker).is_file():
-            raise ValueError(f"--out {out} is a non-empty folder without {marker}; give a new or empty folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out's parent {parent} is a file")
-            break
-    return out

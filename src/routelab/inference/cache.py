@@ -305,7 +305,7 @@ def check_capacity(d: Demand, capacity: int, scope: str) -> None:
             raise CapacityError(
                 f"capacity={capacity} is below the {int(per_step[worst])} experts that step {worst} of MoE layer "
                 f"{layer} needs at once ({where}): that step cannot run; use capacity >= {int(per_step[worst])}, or "
-                "run smaller steps (granularity='token', or a shorter prefill chunk)"
+                "run smaller steps (granularity token, or a shorter prefill chunk)"
             )
 
 
@@ -658,3 +658,25 @@ def plot_hit_rates(results: Sequence[CacheResult], path: str | Path, *, title: s
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def local_consistency(trace: RoutingTrace, capacities: Iterable[int], *, m: int = 16) -> list[dict]:
+    """Per MoE layer: SRP(m) and SCH(m, c) for each capacity c (`inference/consistency.py`, Liang et al. 2025), over
+    the trace's sequences. SCH is an oracle's hit rate for a cache refreshed from the next m tokens, a yardstick
+    beside the simulated policies (tokens, not steps; a first use misses)."""
+    import torch
+
+    from routelab.inference.consistency import sch, srp, usage_from_indices
+
+    check_int("m", m, 1)
+    capacities = sorted(set(capacities))
+    order = np.argsort(trace.sequence_ids, kind="stable")  # each sequence's tokens, in decode order
+    bounds = np.flatnonzero(np.diff(trace.sequence_ids[order])) + 1
+    rows = [torch.as_tensor(r) for r in np.split(order, bounds)] if len(order) else []
+    out = []
+    for layer, ids_NK in enumerate(trace.experts):
+        ids = torch.as_tensor(ids_NK.astype(np.int64))
+        seqs = [usage_from_indices(ids[r], trace.num_experts[layer]) for r in rows]
+        out.append({"layer": layer, "m": m, "srp": srp(seqs, m),
+                    "sch": {int(c): sch(seqs, m, int(c)) for c in capacities}})
+    return out

@@ -23,7 +23,9 @@ not overlap them with compute; the simulator's stall model says what overlap wou
 run's trace in advance (`trace=`, recorded from the same model and inputs), and refuses a trace of another model or
 a run that departs from it.
 
-Inference only: the offloaded banks hold no parameters, so nothing trains them.
+Inference only: the offloaded banks hold no parameters, so nothing trains them. Outputs are bit-identical under
+`torch.no_grad()` (as `generate` runs); a forward that records gradients (for the input or the routing weights)
+takes the generic differentiable path, equal to the resident outputs up to rounding.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from routelab._atomic import atomic_write_bytes, atomic_write_text
 from routelab._checks import check_bool, check_choice, check_int
 from routelab.dispatch.gathered_swiglu import gathered_swiglu
-from routelab.dispatch.local import DECODE_MAX_GATHERED, LocalDispatcher
+from routelab.dispatch.local import LocalDispatcher
 from routelab.dispatch.permute import make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.experts.base import ExpertBank, ExpertFn
@@ -356,13 +358,17 @@ class OffloadDispatcher(LocalDispatcher):
     def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
         if not isinstance(experts, OffloadedExperts):
             return super().fused(x_TD, decision, experts)
+        if torch.is_grad_enabled() and (x_TD.requires_grad or decision.weight.requires_grad):
+            # The fused kernel's autograd saves whole [E, ...] banks, which an offloaded bank does not have: take the
+            # differentiable generic path (equal to the resident outputs up to rounding, not bit for bit).
+            rows_SD, counts_E, plan = self.dispatch(x_TD, decision)
+            return self.combine(experts(rows_SD, counts_E), plan)
         E, D, F_ = experts.num_experts, experts.d_model, experts.d_ff
         executor, layer = experts.executor, experts.layer_index
-        gathered = decision.num_assignments * D * 3 * F_
         try:
             # NOTE: the same choice of kernel as LocalDispatcher.fused makes for the resident bank, so the arithmetic,
             # and the outputs, are the resident model's.
-            if self.decode_fast_path and not torch.is_grad_enabled() and gathered <= DECODE_MAX_GATHERED:
+            if self.takes_decode_path(decision.num_assignments, D, F_):
                 needed = torch.unique(decision.expert_index).tolist()
                 weights = executor.step(layer, needed)
                 local_E = torch.zeros(E, dtype=torch.long, device=x_TD.device)

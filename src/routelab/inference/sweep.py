@@ -25,6 +25,7 @@ from routelab.inference.override import RoutingOverride, moe_layers, override_ro
 __all__ = ["evaluate_routing", "sweep", "write_sweep"]
 
 KINDS = ("trained", "k", "top_p", "min_weight_ratio", "skip")
+OUTPUTS = ("report.md", "sweep.json", "sweep.png")  # every file write_sweep writes
 
 
 @torch.no_grad()

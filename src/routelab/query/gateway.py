@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -127,8 +128,7 @@ def load_routers(pool: PoolConfig) -> dict[str, Any]:
         try:
             routers[name] = load_router(entry.path)
         except Exception as exc:  # noqa: BLE001 -- any loading error is reported as one line naming the router
-            raise ValueError(f"{pool.source}: routers.{name}: cannot load {entry.path}: {exc}") from None
-        check_router(name, routers[name], pool.models)
+            raise GatewayConfigError(f"{pool.source}: routers.{name}: cannot load {entry.path}: {exc}") from None
     return routers
 
 
@@ -164,7 +164,10 @@ def create_app(pool: PoolConfig, routers: dict[str, Any] | None = None) -> FastA
         raise ValueError(f"routers given ({', '.join(sorted(routers)) or 'none'}) differ from those the pool file "
                          f"names ({', '.join(sorted(pool.routers)) or 'none'})")
     for name, router in routers.items():
-        check_router(name, router, pool.models)
+        try:
+            check_router(name, router, pool.models)
+        except ValueError as exc:
+            raise GatewayConfigError(f"{pool.source}: routers.{name}: {exc}") from None
     _check_configured_knobs(pool, routers)
     local = {}
     for name, spec in pool.models.items():
@@ -241,6 +244,9 @@ class Gateway:
         self.pool = pool
         self.routers = routers
         self._router_locks = {name: threading.Lock() for name in routers}
+        # routelab's query routers take the scores they would predict as route(..., scores_NM=): passing them saves
+        # a second encoding of the prompt per request. Other objects following the protocol are called without it.
+        self._takes_scores = {name: "scores_NM" in inspect.signature(r.route).parameters for name, r in routers.items()}
         self.backends: dict[str, Any] = dict(local)
         self.log: RoutingLog | None = None
         self._clients: list[httpx.AsyncClient] = []
@@ -398,7 +404,8 @@ class Gateway:
         # One call at a time per router: routers may cache encodings or update state (online bandits).
         with self._router_locks[name]:
             scores = np.asarray(router.predict([text]), dtype=np.float64)
-            choice = np.asarray(router.route([text], **{router.knob_name: knob})).reshape(-1)
+            extra = {"scores_NM": scores} if self._takes_scores[name] else {}
+            choice = np.asarray(router.route([text], **{router.knob_name: knob}, **extra)).reshape(-1)
         if scores.shape != (1, m) or choice.shape != (1,) or not 0 <= int(choice[0]) < m:
             raise RuntimeError(f"router {name!r} broke its contract: predict gave shape {scores.shape} (expected "
                                f"(1, {m})), route gave {choice.tolist()}")

@@ -121,7 +121,8 @@ class QueryRouter:
 
     def route(self, prompts: list[str], *, willingness_to_pay: float | None = None,
               threshold: float | None = None, scores_NM: np.ndarray | None = None) -> np.ndarray:
-        """Model index [N] per prompt (see the module docstring for the knobs)."""
+        """Model index [N] per prompt (see the module docstring for the knobs). `scores_NM`: this router's
+        `predict(prompts)` when the caller already has it (evaluation sweeps a knob over one prediction)."""
         self._check_fitted()
         if willingness_to_pay is not None and threshold is not None:
             raise ValueError("give willingness_to_pay or threshold, not both")
