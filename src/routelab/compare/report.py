@@ -103,8 +103,9 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
         "later tokens of its batch when routing, so its perplexity in an autoregressive model is **not comparable** "
         "with the others (it can leak the future). \"eval only\": causal when evaluating, batch-coupled in training.",
         f"- **experts/token**: mean routed experts per token per MoE layer on the validation set; **expert FLOPs vs "
-        f"top-k**: active routed-expert FLOPs per token relative to top-{cfg.get('reference_k', 2)} (all experts have "
-        "the same width, so this is experts/token ÷ k).",
+        f"top-k**: active routed-expert FLOPs per token relative to top-{cfg.get('reference_k', 2)} (with all "
+        "experts of width d_ff this is experts/token ÷ k; an expert of another width counts width ÷ d_ff, a "
+        "Chain-of-Experts layer counts every iteration, a null expert or a skip counts 0).",
         "- **imbalance**: per MoE layer and validation batch, the busiest expert's load over the mean load (1.0 = "
         "perfectly balanced) and the coefficient of variation of the loads, averaged over batches and layers.",
         "- **dropped**: fraction of selected assignments dropped for capacity. **train tok/s** excludes evaluation; "
