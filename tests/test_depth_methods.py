@@ -215,3 +215,18 @@ def test_models_with_depth_options_decode_as_a_full_recompute(changes):
     got = generate(model, [prompt], max_new_tokens=6, keep_logits=True)
     assert got.tokens == [ids[len(prompt):]]
     torch.testing.assert_close(got.logits[0].double(), torch.stack(want).double(), atol=1e-6, rtol=0)  # fp32 logits kept
+
+
+def test_expert_parallelism_refuses_a_shared_pool_and_banks_that_are_not_stacked(tmp_path):
+    import torch.distributed as dist
+
+    from routelab.distributed.expert_parallel import expert_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="share one expert bank"):
+            expert_parallel(_tiny(expert_pool="unipool").float())
+        with pytest.raises(ValueError, match="is not stacked over the"):
+            expert_parallel(_tiny(expert_widths=[6, 24, 12, 12]).float())
+    finally:
+        dist.destroy_process_group()
