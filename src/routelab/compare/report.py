@@ -336,15 +336,21 @@ def plot_quality_vs_compute(variants: list[dict[str, Any]], path: Path) -> Path:
     fig = _figure((8.5, 5.5))
     ax = fig.subplots()
     markers = "os^Dv<>pP*Xh"
+    xs = [v["active_expert_flops_vs_topk"] for v in variants]
+    finite = [x for x in xs if math.isfinite(x)]
+    span = (max(finite) - min(finite)) if len(finite) > 1 and max(finite) > min(finite) else 1.0
+    groups = [round(x, 3) if math.isfinite(x) else None for x in xs]  # variants spending the same compute
     for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
-        x = v["active_expert_flops_vs_topk"]
+        # dodge: variants at the same compute are spread a little sideways so their intervals stay apart
+        peers = [j for j, g in enumerate(groups) if g == groups[i]]
+        x = xs[i] + 0.015 * span * (peers.index(i) - (len(peers) - 1) / 2)
         stats = (v.get("seed_stats") or {}).get("val_perplexity")
         y = stats["mean"] if stats else v["val_perplexity"]
         err = stats["half_width"] if stats and math.isfinite(stats["half_width"]) else None
         label = v["name"] + ("" if v["causal_eval"] else " (non-causal: not comparable)")
         ax.errorbar([x], [y], yerr=None if err is None else [[err], [err]], fmt=markers[i % len(markers)],
                     color=color, capsize=4, markersize=7, label=label)
-    ax.set_xlabel("active routed-expert FLOPs per token (relative to top-k)")
+    ax.set_xlabel("active routed-expert FLOPs per token (relative to top-k; equal values drawn slightly apart)")
     ax.set_ylabel("validation perplexity (lower is better)")
     n_seeds = max(len(v.get("runs") or [None]) for v in variants)
     ax.set_title("Quality against compute" + (f" (mean and 95% t-interval over {n_seeds} seeds)" if n_seeds > 1

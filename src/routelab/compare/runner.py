@@ -3,7 +3,9 @@
 Setup (data, tokenizer, validation of every variant) happens before anything trains; then each variant trains in
 its own folder (`variants/<name>/`: metrics.jsonl, checkpoint, result.json, and the final model folder `model/`
 that `routelab.load_model` reads), and the report is written from the
-collected results. With `resume`, finished variants are read back and unfinished ones continue from their
+collected results. With `seeds` N > 1 (config field or `compare --seeds`), every variant trains once per seed
+train.seed, train.seed+1, ... in `variants/<name>/seed-<s>/`, and the report adds t-intervals and paired
+differences to the first variant (compare/stats.py). With `resume`, finished variants (or seeds) are read back and unfinished ones continue from their
 checkpoints. Every result.json records the hash of its variant's full effective configuration and of the data's
 contents (`variant_hash`); `resume` reuses a result only when the hash matches and the variant did not fail, and
 retrains it otherwise. The output folder follows routelab._runs: a marker file names the run, only files the run can
