@@ -131,3 +131,73 @@ def test_grouped_function_gradcheck():
     out = GroupedLoRA.apply(x, plan.token_S, w, A, B, empty)
     out.sum().backward()
     assert torch.count_nonzero(A.grad[1]) == 0 and torch.count_nonzero(B.grad[1]) == 0
+
+
+def _fused_and_unfused(adapter, x):
+    """(fused forward, the unfused path: the router's own forward, then `mix`), each as output, aux losses and
+    every gradient (input, A, B, gate) of output·g + Σ aux."""
+    out = []
+    for fused in (True, False):
+        xg = x.detach().clone().requires_grad_(True)
+        adapter.zero_grad(set_to_none=True)
+        if fused:
+            assert adapter.fused_gate(xg) is not None
+            y, decision = adapter(xg, None)
+        else:
+            decision = adapter.router(xg, None)
+            y = adapter.mix(adapter.lora_input(xg), decision)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + sum(decision.aux_losses.values())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+        out.append((y.detach(), xg.grad, grads, decision))
+    return out
+
+
+@pytest.mark.parametrize("options", [{"k": 2}, {"k": 1}, {"k": 2, "router_bias": True, "z_loss_coef": 1e-2},
+                                     {"k": 2, "score": "sigmoid", "balance": "loss_free", "jitter": 0.1}])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_gate_equals_unfused_router_fp64(options, training):
+    """The router's logits computed in the down-projection's matmul give the unfused result: outputs, decision,
+    aux losses and every gradient (fp64)."""
+    stacked, _ = _pair("molora", "topk", options)
+    stacked.train(training)
+    if training and options.get("jitter"):
+        assert stacked.fused_gate(torch.zeros(1, D, dtype=torch.float64)) is None  # jittered logits: never fused
+        return
+    (y, gx, grads, d), (y_ref, gx_ref, grads_ref, d_ref) = _fused_and_unfused(stacked, torch.randn(T, D, dtype=torch.float64))
+    assert torch.equal(d.token_index, d_ref.token_index) and torch.equal(d.expert_index, d_ref.expert_index)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == grads_ref.keys() and {"A", "B", "router.gate.weight"} <= grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-12, atol=1e-12, msg=name)
+    for key in d_ref.aux_losses:
+        torch.testing.assert_close(d.aux_losses[key], d_ref.aux_losses[key], rtol=1e-12, atol=1e-12)
+
+
+def test_fused_gate_only_where_it_computes_the_same():
+    x = torch.randn(T, D, dtype=torch.float64)
+    for method in ("hydra", "smora", "remix"):  # own route or mix: the logits or A mean something else
+        assert _pair(method, "topk", {"k": 2})[0].fused_gate(x) is None
+    assert _pair("molora", "top_p", {"p": 0.5, "max_k": 3})[0].fused_gate(x) is None  # refuses precomputed logits
+    stacked, grouped = _pair("molora", "topk", {"k": 2})
+    assert grouped.fused_gate(x) is None and stacked.fused_gate(x) is not None
+    assert stacked.fused_gate(x.float()) is None  # x not in the adapter's dtype
+    torch.manual_seed(0)
+    dropped = AdapterSpec(method="molora", num_experts=E, r=R, dropout=0.2, router_options={"k": 2}).build(D, O)
+    assert dropped.train().fused_gate(x.float()) is None  # the router must see the undropped input
+    assert dropped.eval().fused_gate(x.float()) is not None
+
+
+@pytest.mark.parametrize("R", [1, 3])
+def test_gate_ranks_gradcheck(R):
+    from routelab.adapters.linear import GateRanks
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 3, R, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(GateRanks.apply, (h, gate))
+    expanded = torch.randn(4, 1, R, dtype=torch.float64, requires_grad=True)  # HydraLoRA's shared A: an expand
+    assert torch.autograd.gradcheck(lambda h, g: GateRanks.apply(h.expand(-1, 3, -1), g), (expanded, gate))
+    out = GateRanks.apply(h, gate.detach())
+    torch.testing.assert_close(out, (h * gate[..., None]).reshape(4, 3 * R).detach(), rtol=0, atol=0)

@@ -12,7 +12,7 @@ import torch
 
 import routelab
 from reference import reference_moe
-from zoo_cases import CASES, D, IDS, ToyModel, make_ctx, make_layer
+from zoo_cases import CASES, D, IDS, ToyModel, make_ctx, make_layer, make_routers
 
 
 def test_every_router_has_a_case():
@@ -217,3 +217,52 @@ def test_training_smoke_two_layer_toy_regression(name):
     assert all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, f"{name}: loss {first:.3f} -> {last:.3f}"  # at least halves
+
+
+def _decision_grads(decision, tensors):
+    """Gradients of a fixed random combination of the decision's weights, logits and aux losses."""
+    gen = torch.Generator().manual_seed(5)
+    total = (decision.weight * torch.randn(decision.weight.shape, generator=gen, dtype=decision.weight.dtype)).sum()
+    if decision.router_logits is not None:
+        total = total + decision.router_logits.square().sum() * 1e-3
+    for loss in decision.aux_losses.values():
+        total = total + loss
+    grads = torch.autograd.grad(total, tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_precomputed_logits_equal_forward_or_are_refused(name, options, training):
+    """The `logit_gate()` capability: a router that declares a gate routes given F.linear(x, *gate) exactly as its
+    own forward does (fp64: decision and every gradient); one that declares none refuses with TypeError."""
+    torch.manual_seed(2)
+    (router,) = make_routers(name, options, 1)
+    router = router.double().train(training)
+    B, L = 2, 6
+    x = torch.randn(B * L, D, dtype=torch.float64, requires_grad=True)
+    gate = router.logit_gate()
+    if gate is None:
+        with pytest.raises(TypeError, match="precomputed logits"):
+            router.route_logits(x, torch.zeros(B * L, router.num_experts, dtype=torch.float64), make_ctx(B, L))
+        return
+    weight, bias = gate
+    assert weight.shape == (router.num_experts, D)
+    tensors = [x, *[p for p in router.parameters() if p.requires_grad]]
+    state = copy.deepcopy(router.state_dict())
+    torch.manual_seed(3)
+    ref = router(x, make_ctx(B, L))
+    ref_grads = _decision_grads(ref, tensors)
+    router.load_state_dict(state)
+    torch.manual_seed(3)
+    got = router.route_logits(x, torch.nn.functional.linear(x, weight, bias), make_ctx(B, L))
+    got_grads = _decision_grads(got, tensors)
+    assert torch.equal(got.token_index, ref.token_index) and torch.equal(got.expert_index, ref.expert_index)
+    torch.testing.assert_close(got.weight, ref.weight, rtol=1e-12, atol=1e-12)
+    assert got.aux_losses.keys() == ref.aux_losses.keys()
+    for key in ref.aux_losses:
+        torch.testing.assert_close(got.aux_losses[key], ref.aux_losses[key], rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="logits_TE"):
+        router.route_logits(x, torch.zeros(B * L, router.num_experts + 1, dtype=torch.float64))

@@ -14,7 +14,8 @@ Executions (equal in exact arithmetic; `tests/test_adapters_execution.py` checks
 the measured crossover at k=2, R=8 on CPU with one thread (E=8: stacked 1.23-1.45x the rank-16 LoRA linear, grouped
 1.81-1.85x; E=16: equal; E=32: grouped 1.72x vs 2.26x; E=64: 2.15x vs 3.71x). With two threads on an overloaded
 machine the grouped form's many small ops each waited for the second core and stacked won at every E.
-The stacked form is plain autograd; the grouped form is one custom autograd function (`_grouped.py`, gradchecked).
+The stacked form is autograd around `GateRanks` (the rank masking, gradchecked); the grouped form is one custom
+autograd function (`_grouped.py`, gradchecked).
 """
 
 from __future__ import annotations
@@ -39,8 +40,38 @@ def stacked_lora(h_TER: Tensor, gate_TE: Tensor, B_ERO: Tensor) -> Tensor:
     """Σ_e gate[t, e] · h[t, e, :] @ B[e]: the down-projected ranks of every expert, masked by the routing weights,
     through all up-projections in one matmul. Returns [T, O]."""
     T, E, R = h_TER.shape
-    masked_TX = (h_TER * gate_TE.to(h_TER.dtype).unsqueeze(-1)).reshape(T, E * R)
+    masked_TX = GateRanks.apply(h_TER, gate_TE.to(h_TER.dtype))
     return masked_TX @ B_ERO.reshape(E * R, B_ERO.shape[-1])
+
+
+class GateRanks(torch.autograd.Function):
+    """apply(h_TER, gate_TE) -> (h · gate[..., None]) as [T, E·R]: each expert's ranks scaled by its gate.
+
+    Autograd's own backward of that product makes three passes over [T, E, R] (dh; dgate as a product, then a sum
+    over R); here dgate is one batched dot product, and it is skipped when the gate needs no gradient. Each pass is
+    a parallel region, which costs most on a busy CPU (benchmarks/lora.py). Gradchecked in
+    tests/test_adapters_execution.py.
+    """
+
+    @staticmethod
+    def forward(ctx, h_TER: Tensor, gate_TE: Tensor) -> Tensor:
+        ctx.save_for_backward(h_TER, gate_TE)
+        T, E, R = h_TER.shape
+        return (h_TER * gate_TE.unsqueeze(-1)).reshape(T, E * R)
+
+    @staticmethod
+    def backward(ctx, d_TX: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        h_TER, gate_TE = ctx.saved_tensors
+        T, E, R = h_TER.shape
+        d_TER = d_TX.reshape(T, E, R)
+        dh_TER = d_TER * gate_TE.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        dgate_TE = None
+        if ctx.needs_input_grad[1]:
+            if R == 1:
+                dgate_TE = (d_TER * h_TER).reshape(T, E)
+            else:
+                dgate_TE = torch.bmm(d_TER.reshape(T * E, 1, R), h_TER.reshape(T * E, R, 1)).reshape(T, E)
+        return dh_TER, dgate_TE
 
 
 def grouped_lora(x_TD: Tensor, decision: RoutingDecision, A_ERD: Tensor | None, B_ERO: Tensor) -> Tensor:

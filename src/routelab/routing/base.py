@@ -164,8 +164,11 @@ class RoutingDecision:
 
     def dense_weights(self) -> Tensor:
         """Tensor [T, E] with each assignment's weight at (token, expert); zero elsewhere."""
-        dense_TE = self.weight.new_zeros(self.num_tokens, self.num_experts)
-        return dense_TE.index_put((self.token_index, self.expert_index), self.weight, accumulate=True)
+        # index_add over the flat (token, expert) index: same sums as index_put(accumulate=True), whose CPU kernel and
+        # backward cost ~15x more at T=4096 (the routed-LoRA stacked form calls this every forward; benchmarks/lora.py).
+        flat_S = self.token_index * self.num_experts + self.expert_index
+        dense_X = self.weight.new_zeros(self.num_tokens * self.num_experts)
+        return dense_X.index_add(0, flat_S, self.weight).view(self.num_tokens, self.num_experts)
 
     def detached(self) -> RoutingDecision:
         """A copy for statistics: tensors detached, except the aux losses, which keep their graph so that
@@ -246,6 +249,25 @@ class Router(nn.Module):
         if isinstance(gate, nn.Linear) and gate.out_features >= self.num_experts:
             return gate.weight[: self.num_experts]
         return None
+
+    def logit_gate(self) -> tuple[Tensor, Tensor | None] | None:
+        """(weight [E', D], bias [E'] or None) of the linear gate whose output `route_logits` accepts, or None.
+
+        A capability: a caller that multiplies x by other weights anyway (a routed-LoRA layer's down-projection) can
+        compute the router's logits in the same matmul and hand them over. None when the router cannot take
+        precomputed logits: it has no linear gate, or its logits are not F.linear(x, weight, bias) right now (e.g.
+        input jitter while training). The default is None; routers that support it override both methods.
+        """
+        return None
+
+    def route_logits(self, x_TD: Tensor, logits_TE: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
+        """What `forward(x_TD, ctx)` returns, given logits_TE = F.linear(x_TD, *self.logit_gate()) computed by the
+        caller in `router_dtype(x_TD)` (gradients flow back through logits_TE, and through x_TD where the router
+        reads it otherwise). Routers whose `logit_gate()` is None refuse with TypeError."""
+        raise TypeError(
+            f"router {type(self).__name__} does not take precomputed logits (its logit_gate() is None); "
+            "call it as router(x_TD, ctx)"
+        )
 
     @torch.no_grad()
     def apply_updates(self) -> None:

@@ -175,7 +175,28 @@ class TopKRouter(Router):
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         bias = None if self.gate.bias is None else self.gate.bias.to(dtype)
-        logits_TE = F.linear(x_TD, self.gate.weight.to(dtype), bias)
+        return self._route(x_TD, F.linear(x_TD, self.gate.weight.to(dtype), bias), ctx)
+
+    def logit_gate(self) -> tuple[Tensor, Tensor | None] | None:
+        """The gate (weight [E, D], bias or None); None while training with input jitter (the logits then come from
+        a jittered x)."""
+        if self.training and self.jitter > 0:
+            return None
+        return self.gate.weight, self.gate.bias
+
+    def route_logits(self, x_TD: Tensor, logits_TE: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
+        if self.logit_gate() is None:
+            return super().route_logits(x_TD, logits_TE, ctx)
+        T, E = x_TD.shape[0], self.num_experts
+        if logits_TE.shape != (T, E) or logits_TE.dtype != router_dtype(x_TD):
+            raise ValueError(
+                f"logits_TE must be [T={T}, E={E}] in {router_dtype(x_TD)}, got {tuple(logits_TE.shape)} in "
+                f"{logits_TE.dtype}"
+            )
+        return self._route(x_TD, logits_TE, ctx)
+
+    def _route(self, x_TD: Tensor, logits_TE: Tensor, ctx: RoutingContext | None) -> RoutingDecision:
+        T, E, k = x_TD.shape[0], self.num_experts, self.k
         scores_TE = logits_TE.softmax(dim=-1) if self.score == "softmax" else logits_TE.sigmoid()
 
         pad_T = None if ctx is None else ctx.flat_padding_mask(T)
