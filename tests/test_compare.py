@@ -109,7 +109,7 @@ def test_bad_input_fails_clearly_before_training(tmp_path, capsys, extra, messag
     assert not out.exists()  # nothing was trained or written
 
 
-@pytest.mark.parametrize("preset", LM_PRESETS)
+@pytest.mark.parametrize("preset", ["smoke", "default"])
 def test_presets_are_valid_and_cover_the_router_families(preset):
     raw = load_preset(preset)
     assert {v["router"] for v in raw["variants"]} >= ZOO
@@ -285,6 +285,6 @@ def test_report_leaves_the_callers_matplotlib_backend_alone(tmp_path):
                                                           os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script, str(out / "results.json"), str(again)], capture_output=True,
                           text=True, check=True, env=env)
-    assert done.stdout.split() == ["svg", "False", "5"]
+    assert done.stdout.split() == ["svg", "False", "6"]  # five plots (quality_vs_compute included) + report.md
     for png in ("val_loss.png", "expert_load.png", "experts_per_token.png", "domain_load.png"):
         assert (again / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -46,6 +46,8 @@ CASES = [
     ("dtr", dict(active_fraction=0.25, reverse=True)),
     ("condition_aware", {}),
     ("condition_aware", dict(k=1, time_dim=4, normalize="none", aux_loss_coef=0.0)),
+    ("prototype", {}),
+    ("prototype", dict(k=1, rcl_coef=0.5, aux_loss_coef=0.0, temperature=3.0)),
 ]
 
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]

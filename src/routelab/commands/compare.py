@@ -15,7 +15,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Train the same small MoE language model once per router variant, with the same seed, data, "
         "batch order and token budget, and write a report folder (report.md, results.json, plots, config.yaml).",
     )
-    parser.add_argument("--preset", default="default", help="smoke (under a minute), default, or diffusion (a masked-diffusion LM, a few minutes) (default: %(default)s)")
+    parser.add_argument("--preset", default="default", help="smoke (under a minute), default (about 10 minutes), "
+                         "depth (routing across layers and depth, 3 seeds), paper (about an hour, estimated; 3 seeds) "
+                         "or diffusion (a masked-diffusion LM, a few minutes) (default: %(default)s)")
     parser.add_argument("--routers", nargs="+", metavar="NAME",
                          help="variants or routers to run, comma- or space-separated (default: every preset entry "
                          "whose router is registered)")
@@ -24,6 +26,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="training steps per variant (overrides the preset)")
     parser.add_argument("--seed", type=int, help="seed of every variant (overrides the preset; rerun with another "
                          "seed to see how much of a difference is noise)")
+    parser.add_argument("--seeds", type=int, help="train every variant with N seeds (--seed, --seed+1, ...) and report "
+                         "mean ± 95%% t-interval of perplexity and each variant's paired loss difference to the first "
+                         "variant (overrides the preset's `seeds`; default 1)")
     parser.add_argument("--out", help="report folder (default: runs/compare-<preset>); a non-empty folder that is "
                          "not a routelab run is refused (see --overwrite)")
     parser.add_argument("--config", metavar="YAML", help="a YAML file merged over the preset")
@@ -65,7 +70,8 @@ def _run(args: argparse.Namespace) -> int:
         return fail("compare", "--out must name a folder, got an empty string")
     try:
         cfg, notes = resolve(preset=args.preset, config_file=args.config, routers=routers or None,
-                             data_files=args.data, steps=args.steps, seed=args.seed)
+                             data_files=args.data, steps=args.steps, seed=args.seed,
+                             seeds=args.seeds)
         if cfg["data"].get("source") == "files":
             from routelab.data.corpus import file_corpus
 

@@ -1,8 +1,10 @@
 """Comparison configurations: presets (YAML inside the package), user YAML, command-line overrides, validation.
 
 A configuration has five sections (see presets/default.yaml): `data`, `model` (the `ModelConfig` fields shared by
-every variant), `train` (the `TrainConfig` fields), `reference_k` and `variants`, a list of {name, router, options,
-k_schedule}. Every field is checked before anything trains; an error names the field and the valid values.
+every variant), `train` (the `TrainConfig` fields), `reference_k`, `seeds` (optional, default 1: each variant trains
+with train.seed, train.seed+1, ..., and the report shows intervals) and `variants`, a list of {name, router,
+options, k_schedule, model}, `model` (optional) holding model fields that differ for that variant
+(chain_iterations, expert_pool, expert_widths, ...). Every field is checked before anything trains; an error names the field and the valid values.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from routelab._checks import INT64_MAX, short_repr
 from routelab.train.loop import TrainConfig
 from routelab.train.memory import check_training_memory
 
-PRESETS = ("smoke", "default", "diffusion")
-TOP_FIELDS = {"description", "data", "model", "train", "reference_k", "variants"}
+PRESETS = ("smoke", "default", "depth", "paper", "diffusion")
+TOP_FIELDS = {"description", "data", "model", "train", "reference_k", "seeds", "variants"}
+MAX_SEEDS = 100
 DATA_FIELDS = {"source", "files", "max_chars", "vocab_size", "val_fraction"}
 # Model fields that every variant shares; router, router_options, k_schedule and vocab_size are set per variant/data.
 PER_VARIANT = {"router", "router_options", "k_schedule", "vocab_size"}
@@ -36,7 +39,7 @@ MODEL_KINDS = ("lm", "diffusion_lm")
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 MODEL_INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every",
                     "shared_experts", "max_seq_len")
-VARIANT_FIELDS = {"name", "router", "options", "k_schedule"}
+VARIANT_FIELDS = {"name", "router", "options", "k_schedule", "model"}
 # A variant name is a folder name: no "." or "..", no hidden names, short enough for every file system.
 MAX_NAME = 100
 VARIANT_NAME = rf"[A-Za-z0-9][A-Za-z0-9_.+-]{{0,{MAX_NAME - 1}}}"
@@ -150,6 +153,7 @@ def resolve(
     data_files: list[str] | None = None,
     steps: int | None = None,
     seed: int | None = None,
+    seeds: int | None = None,
     base: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The validated configuration and the notes to print (e.g. preset entries skipped as unregistered).
@@ -174,6 +178,10 @@ def resolve(
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= INT64_MAX:
             raise ConfigError(f"--seed must be an integer >= 0 and <= {INT64_MAX}, got {short_repr(seed)}")
         cfg["train"]["seed"] = seed
+    if seeds is not None:
+        if not _is_int(seeds) or not 1 <= seeds <= MAX_SEEDS:
+            raise ConfigError(f"--seeds must be an integer from 1 to {MAX_SEEDS}, got {short_repr(seeds)}")
+        cfg["seeds"] = seeds
     notes = validate(cfg)
     if routers:  # only the variants asked for matter; an unregistered one among them is an error, raised below
         notes = []
@@ -200,6 +208,10 @@ def validate(cfg: dict[str, Any]) -> list[str]:
     if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 < vf < 1:
         raise ConfigError(f"data.val_fraction must be a number in (0, 1), got {short_repr(vf)}")
     _int("reference_k", cfg.get("reference_k", 2), 1)
+    n_seeds = cfg.get("seeds", 1)
+    if not _is_int(n_seeds) or not 1 <= n_seeds <= MAX_SEEDS:
+        raise ConfigError(f"seeds must be an integer from 1 to {MAX_SEEDS} (seeds per variant), got "
+                          f"{short_repr(n_seeds)}")
     try:
         train_cfg = TrainConfig(**cfg["train"])
         train_cfg.validate()
@@ -246,6 +258,10 @@ def validate(cfg: dict[str, Any]) -> list[str]:
                 f"{where}.k_schedule must be null or a mapping {{shape, k_max, k, match_budget}}, "
                 f"got {short_repr(v['k_schedule'])}"
             )
+        if "model" in v:  # per-variant model fields (chain_iterations, expert_pool, ...) over the shared `model`
+            if not isinstance(v["model"], dict):
+                raise ConfigError(f"{where}.model must be a mapping of model fields, got {short_repr(v['model'])}")
+            _fields(f"{where}.model", v["model"], MODEL_FIELDS)
         if v["router"] not in registered:
             notes.append(
                 f"skipping variant {v['name']!r}: router {short_repr(v['router'])} is not registered in this installation"
@@ -293,7 +309,7 @@ def model_kind(cfg: dict[str, Any]) -> str:
 def model_config(cfg: dict[str, Any], variant: dict[str, Any], *, vocab_size: int) -> ModelConfig:
     fields = {k: v for k, v in cfg["model"].items() if k != "kind"}
     return ModelConfig(
-        **fields, vocab_size=vocab_size, router=variant["router"],
+        **{**fields, **(variant.get("model") or {})}, vocab_size=vocab_size, router=variant["router"],
         router_options=dict(variant.get("options") or {}), k_schedule=variant.get("k_schedule"),
     )
 

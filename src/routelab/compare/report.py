@@ -19,6 +19,7 @@ PLOTS = {
     "expert_load": "expert_load.png",
     "experts_per_token": "experts_per_token.png",
     "domain_load": "domain_load.png",
+    "quality_vs_compute": "quality_vs_compute.png",
 }
 
 
@@ -32,6 +33,7 @@ def write_report(summary: dict[str, Any], out: Path) -> list[Path]:
         written.append(plot_experts_per_token(ok, out / PLOTS["experts_per_token"]))
         if len(summary["data"]["domains"]) > 1:
             written.append(plot_domain_load(ok, out / PLOTS["domain_load"]))
+        written.append(plot_quality_vs_compute(ok, out / PLOTS["quality_vs_compute"]))
     atomic_write_text(out / "report.md", render_markdown(summary, [p.name for p in written]))
     return written + [out / "report.md"]
 
@@ -52,6 +54,7 @@ def describe_options(v: dict[str, Any]) -> str:
         s = v["k_schedule"]
         ks = [o.get("k", o.get("max_k")) for o in v.get("per_layer_options", [])]
         parts.append(f"k_schedule={s.get('shape')} (k per layer {ks})")
+    parts += [f"model.{k}={val}" for k, val in (v.get("model") or {}).items()]
     return ", ".join(parts) or "defaults"
 
 
@@ -81,7 +84,11 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
         "| imbalance max/mean | imbalance CV | dropped | train tok/s | wall (s) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for v in variants:
+    seeds = summary.get("seeds") or [t["seed"]]
+    if len(seeds) > 1:
+        lines[-6] = lines[-6].replace(f"with seed {t['seed']}", f"with seeds {', '.join(map(str, seeds))}")
+        lines[-2:] = seeds_table(variants, seeds)
+    for v in variants if len(seeds) == 1 else ():
         if "error" in v:
             lines.append(f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | – | failed "
                          f"| – | – | – | – | – | – | – | {v['wall_seconds']:.1f} |")
@@ -105,17 +112,32 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
             "batch-coupled in training.")
     lines += [
         f"- **experts/token**: mean routed experts per token per MoE layer on the validation set; **expert FLOPs vs "
-        f"top-k**: active routed-expert FLOPs per token relative to top-{cfg.get('reference_k', 2)} (all experts have "
-        "the same width, so this is experts/token ÷ k).",
+        f"top-k**: active routed-expert FLOPs per token relative to top-{cfg.get('reference_k', 2)} (with all "
+        "experts of width d_ff this is experts/token ÷ k; an expert of another width counts width ÷ d_ff, a "
+        "Chain-of-Experts layer counts every iteration, a null expert or a skip counts 0).",
         "- **imbalance**: per MoE layer and validation batch, the busiest expert's load over the mean load (1.0 = "
         "perfectly balanced) and the coefficient of variation of the loads, averaged over batches and layers.",
         "- **dropped**: fraction of selected assignments dropped for capacity. **train tok/s** excludes evaluation; "
         "**wall** includes it. Timings depend on the machine and its load; compare them within one report only.",
-        "- One seed per variant: small differences in perplexity (a few percent at this scale) can be seed noise; "
-        "rerun with another `train.seed` before drawing conclusions. Router compute is not in the FLOPs column.",
     ]
     if diffusion:
         lines += diffusion_section(ok, cfg.get("reference_k", 2))
+
+    if len(seeds) == 1:
+        lines.append("- One seed per variant: small differences in perplexity (a few percent at this scale) can be seed "
+                     "noise; run with `--seeds 3` or more before drawing conclusions. Router compute is not in the "
+                     "FLOPs column.")
+    else:
+        ref = variants[0]["name"]
+        lines += [
+            f"- {len(seeds)} seeds per variant (seed s gives every variant the same initialisation RNG and the same "
+            "batches). **val ppl**: mean over seeds ± the half-width of the two-sided 95% Student-t interval "
+            f"(t with {len(seeds) - 1} degrees of freedom). **Δ loss vs {ref}**: the mean over seeds of the paired "
+            f"difference val_loss(variant, s) − val_loss({ref}, s) in nats/token, with its 95% t-interval; "
+            "**real?** says *yes* when the interval excludes 0, *no* (not distinguishable from zero) otherwise. "
+            "The other columns are means over seeds; plots of loads and curves show the first seed. Router compute "
+            "is not in the FLOPs column.",
+        ]
     if len(summary["data"]["domains"]) > 1 and ok:
         names = [d["name"] for d in summary["data"]["domains"]]
         lines += ["", "Validation loss per domain:", "",
@@ -132,6 +154,7 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
         PLOTS["expert_load"]: "Expert load per MoE layer (load ÷ mean load; 1 = balanced)",
         PLOTS["experts_per_token"]: "Experts per token (all MoE layers, validation set)",
         PLOTS["domain_load"]: "Share of each domain's assignments per expert, per MoE layer",
+        PLOTS["quality_vs_compute"]: "Validation perplexity against active expert FLOPs per token",
     }
     for name in plots:
         lines += ["", f"## {captions.get(name, name)}", "", f"![{captions.get(name, name)}]({name})"]
@@ -162,6 +185,42 @@ def diffusion_section(variants: list[dict[str, Any]], reference_k: int) -> list[
         lines.append(f"| {v['name']} | " + " | ".join(
             f"{_f(by_bin[b], 2)}×" if b in by_bin else "–" for b in bins) + " |")
     return lines
+
+
+def seeds_table(variants: list[dict[str, Any]], seeds: list[int]) -> list[str]:
+    """The main table of a multi-seed comparison (header included)."""
+    ref = variants[0]["name"]
+    lines = [
+        f"| variant | router (options) | causal | val ppl (mean ± 95% CI) | per-seed val ppl | Δ loss vs {ref} "
+        "(95% CI) | real? | expert FLOPs vs top-k | imbalance max/mean | dropped | train tok/s | wall (s) |",
+        "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for v in variants:
+        if "error" in v:
+            lines.append(f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | – | failed | – | – | – | – | – "
+                         f"| – | – | {v['wall_seconds']:.1f} |")
+            continue
+        ppl = v["seed_stats"]["val_perplexity"]
+        per_seed = ", ".join(_f(r["val_perplexity"], 2) for r in v["runs"])
+        d = v.get("paired_vs_reference")
+        if d is None:
+            diff, real = "–", "–"
+        elif v["name"] == ref:
+            diff, real = "reference", "–"
+        else:
+            diff = f"{_signed(d['mean'], 4)} [{_signed(d['low'], 4)}, {_signed(d['high'], 4)}]"
+            real = "**yes**" if d["distinguishable"] else "no"
+        lines.append(
+            f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | {causal_label(v)} "
+            f"| {_f(ppl['mean'], 2)} ± {_f(ppl['half_width'], 2)} | {per_seed} | {diff} | {real} "
+            f"| {_f(v['active_expert_flops_vs_topk'], 2)}× | {_f(v['imbalance_max_over_mean'], 2)} "
+            f"| {v['dropped_fraction']:.1%} | {v['train_tokens_per_second']:,.0f} | {v['wall_seconds']:.1f} |"
+        )
+    return lines
+
+
+def _signed(value: float, digits: int) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:+.{digits}f}"
 
 
 def _f(value: float, digits: int) -> str:
@@ -303,3 +362,35 @@ def plot_domain_load(variants: list[dict[str, Any]], path: Path) -> Path:
                            vmax=max(float(s.max()) for s in shares), row_labels=labels, row_group=len(domains),
                            colorbar_label="share of the domain's assignments in that layer",
                            title="Which experts each domain uses, per MoE layer (validation set)")
+
+
+def plot_quality_vs_compute(variants: list[dict[str, Any]], path: Path) -> Path:
+    """One point per variant: active routed-expert FLOPs per token (relative to top-k) against validation perplexity,
+    with the 95% t-interval of the perplexity as an error bar when there are several seeds. Lower-left is better:
+    a dynamic-compute method is judged by where it sits against the others, not by perplexity alone."""
+    fig = _figure((8.5, 5.5))
+    ax = fig.subplots()
+    markers = "os^Dv<>pP*Xh"
+    xs = [v["active_expert_flops_vs_topk"] for v in variants]
+    finite = [x for x in xs if math.isfinite(x)]
+    span = (max(finite) - min(finite)) if len(finite) > 1 and max(finite) > min(finite) else 1.0
+    groups = [round(x, 3) if math.isfinite(x) else None for x in xs]  # variants spending the same compute
+    for i, (v, color) in enumerate(zip(variants, _colors(len(variants)))):
+        # dodge: variants at the same compute are spread a little sideways so their intervals stay apart
+        peers = [j for j, g in enumerate(groups) if g == groups[i]]
+        x = xs[i] + 0.015 * span * (peers.index(i) - (len(peers) - 1) / 2)
+        stats = (v.get("seed_stats") or {}).get("val_perplexity")
+        y = stats["mean"] if stats else v["val_perplexity"]
+        err = stats["half_width"] if stats and math.isfinite(stats["half_width"]) else None
+        label = v["name"] + ("" if v["causal_eval"] else " (non-causal: not comparable)")
+        ax.errorbar([x], [y], yerr=None if err is None else [[err], [err]], fmt=markers[i % len(markers)],
+                    color=color, capsize=4, markersize=7, label=label)
+    ax.set_xlabel("active routed-expert FLOPs per token (relative to top-k; equal values drawn slightly apart)")
+    ax.set_ylabel("validation perplexity (lower is better)")
+    n_seeds = max(len(v.get("runs") or [None]) for v in variants)
+    ax.set_title("Quality against compute" + (f" (mean and 95% t-interval over {n_seeds} seeds)" if n_seeds > 1
+                                              else " (one seed)"))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    _save(fig, path)
+    return path

@@ -3,7 +3,9 @@
 Setup (data, tokenizer, validation of every variant) happens before anything trains; then each variant trains in
 its own folder (`variants/<name>/`: metrics.jsonl, checkpoint, result.json, and the final model folder `model/`
 that `routelab.load_model` reads), and the report is written from the
-collected results. With `resume`, finished variants are read back and unfinished ones continue from their
+collected results. With `seeds` N > 1 (config field or `compare --seeds`), every variant trains once per seed
+train.seed, train.seed+1, ... in `variants/<name>/seed-<s>/`, and the report adds t-intervals and paired
+differences to the first variant (compare/stats.py). With `resume`, finished variants (or seeds) are read back and unfinished ones continue from their
 checkpoints. Every result.json records the hash of its variant's full effective configuration and of the data's
 contents (`variant_hash`); `resume` reuses a result only when the hash matches and the variant did not fail, and
 retrains it otherwise. The output folder follows routelab._runs: a marker file names the run, only files the run can
@@ -117,30 +119,40 @@ def _run_compare(
     distributed.barrier()
 
     warm_up(cfg, data, train_cfg)
+    seeds = seed_list(cfg)
     results = []
     n = len(cfg["variants"])
     overall = None
     if not quiet:
         from tqdm.auto import tqdm
 
-        overall = tqdm(total=n, desc="compare", unit="variant", position=0, dynamic_ncols=True)
+        overall = tqdm(total=n * len(seeds), desc="compare", unit="run", position=0, dynamic_ncols=True)
     for i, variant in enumerate(cfg["variants"]):
-        vdir = out / "variants" / variant["name"]
-        done_path = vdir / "result.json"
-        vhash = variant_hash(cfg, variant, data.content_key)
-        result = _reusable_result(done_path, vhash, log=log) if resume else None
-        if result is None:
-            result = run_variant(cfg, variant, data, train_cfg, out_dir=vdir, resume=resume, quiet=quiet,
-                                 desc=f"[{i + 1}/{n}] {variant['name']}", bar_position=1, log=log)
-            result["variant_hash"] = vhash
-            if main:
-                atomic_write_text(done_path, json.dumps(result, indent=1))
-        results.append(result)
-        if overall is not None:
-            overall.update(1)
-            overall.set_postfix_str(f"{variant['name']}: val ppl {result.get('val_perplexity', float('nan')):.1f}")
+        runs = []
+        for seed in seeds:
+            scfg = with_seed(cfg, seed)
+            vdir = variant_dir(out, variant["name"], seed, multi=len(seeds) > 1)
+            done_path = vdir / "result.json"
+            vhash = variant_hash(scfg, variant, data.content_key)
+            result = _reusable_result(done_path, vhash, log=log) if resume else None
+            if result is None:
+                desc = f"[{i + 1}/{n}] {variant['name']}" + (f" seed {seed}" if len(seeds) > 1 else "")
+                result = run_variant(scfg, variant, data, TrainConfig(**scfg["train"]), out_dir=vdir, resume=resume,
+                                     quiet=quiet, desc=desc, bar_position=1, log=log)
+                result["variant_hash"] = vhash
+                if len(seeds) > 1:
+                    result["seed"] = seed
+                if main:
+                    atomic_write_text(done_path, json.dumps(result, indent=1))
+            runs.append(result)
+            if overall is not None:
+                overall.update(1)
+                overall.set_postfix_str(f"{variant['name']}: val ppl {result.get('val_perplexity', float('nan')):.1f}")
+        results.append(runs[0] if len(seeds) == 1 else combine_seeds(runs, seeds))
     if overall is not None:
         overall.close()
+    if len(seeds) > 1:
+        add_paired_differences(results)
 
     summary = {
         "format": RESULTS_FORMAT,
@@ -157,6 +169,7 @@ def _run_compare(
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
                         "threads": torch.get_num_threads()},
         "setup_seconds": setup_seconds,
+        "seeds": seeds,
         "variants": results,
     }
     summary["wall_seconds"] = time.perf_counter() - started
@@ -172,18 +185,89 @@ def _run_compare(
 
 # What a comparison writes (routelab._runs deletes only these, and only in folders whose marker names a run).
 REPORT_FILES = ("config.yaml", "results.json", "report.md", "val_loss.png", "expert_load.png",
-                "experts_per_token.png", "domain_load.png")
+                "experts_per_token.png", "domain_load.png", "quality_vs_compute.png")
 VARIANT_FILES = ("result.json", "metrics.jsonl", CHECKPOINT_JSON, "checkpoint-*.safetensors")
 
 
 def compare_layout(cfg: dict[str, Any]) -> RunLayout:
-    """The folders and files of a comparison's --out folder."""
+    """The folders and files of a comparison's --out folder (one folder per variant, or per variant and seed)."""
     folders = {"": REPORT_FILES, "variants": ()}
+    seeds = seed_list(cfg)
     for v in cfg["variants"]:
-        folders[f"variants/{v['name']}"] = VARIANT_FILES
-        if model_kind(cfg) == "lm":  # diffusion variants write no model folder
-            folders[f"variants/{v['name']}/model"] = MODEL_FILES
+        for seed in seeds:
+            rel = variant_dir(Path(), v["name"], seed, multi=len(seeds) > 1).as_posix()
+            folders[rel] = VARIANT_FILES
+            if model_kind(cfg) == "lm":  # diffusion variants write no model folder
+                folders[f"{rel}/model"] = MODEL_FILES
     return RunLayout("compare", folders)
+
+
+def seed_list(cfg: dict[str, Any]) -> list[int]:
+    """The seeds every variant trains with: train.seed, train.seed + 1, ..., `seeds` of them (default 1)."""
+    first = cfg["train"].get("seed", 0)
+    return [first + i for i in range(cfg.get("seeds", 1))]
+
+
+def with_seed(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """`cfg` with train.seed = `seed` (the same object when it already is: one seed changes nothing)."""
+    if cfg["train"].get("seed", 0) == seed:
+        return cfg
+    return {**cfg, "train": {**cfg["train"], "seed": seed}}
+
+
+def variant_dir(out: Path, name: str, seed: int, *, multi: bool) -> Path:
+    """variants/<name> for one seed (as before seeds existed), variants/<name>/seed-<seed> for several."""
+    return out / "variants" / name / f"seed-{seed}" if multi else out / "variants" / name
+
+
+# Scalars averaged over seeds in a multi-seed variant entry (the other top-level fields are the first seed's run).
+SEED_MEANS = ("val_loss", "val_perplexity", "mean_experts_per_token", "active_expert_flops_vs_topk",
+              "imbalance_max_over_mean", "imbalance_cv", "dropped_fraction", "train_tokens_per_second")
+
+
+def combine_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """One variant's entry over several seeds: `runs` holds every seed's full result; the top-level scalars in
+    SEED_MEANS are means over the seeds; loads, histograms and curves at top level are the first seed's;
+    `seed_stats` holds the 95% t-intervals of validation perplexity and loss. A failed seed fails the variant."""
+    from routelab.compare.stats import t_interval
+
+    wall = sum(r.get("wall_seconds", 0.0) for r in runs)
+    failed = [(s, r) for s, r in zip(seeds, runs) if "error" in r]
+    base = {k: runs[0][k] for k in ("name", "router", "options", "k_schedule", "model") if k in runs[0]}
+    if failed:
+        seed, r = failed[0]
+        return {**base, "error": f"seed {seed}: {r['error']}", "seeds": seeds, "runs": runs, "wall_seconds": wall}
+    entry = {k: v for k, v in runs[0].items() if k not in ("variant_hash", "seed")}
+    for key in SEED_MEANS:
+        entry[key] = _mean([r[key] for r in runs]) if all(math.isfinite(r[key]) for r in runs) else float("nan")
+    entry.update({
+        "wall_seconds": wall,
+        "seeds": seeds,
+        "curves_from_seed": seeds[0],
+        "seed_stats": {
+            "interval": "two-sided 95% Student-t over seeds",
+            "val_perplexity": t_interval([r["val_perplexity"] for r in runs]),
+            "val_loss": t_interval([r["val_loss"] for r in runs]),
+            "active_expert_flops_vs_topk": t_interval([r["active_expert_flops_vs_topk"] for r in runs]),
+        },
+        "runs": runs,
+    })
+    return entry
+
+
+def add_paired_differences(results: list[dict[str, Any]]) -> None:
+    """Give every finished variant `paired_vs_reference`: the t-interval of its per-seed validation-loss difference
+    to the reference (the first variant listed), with `distinguishable` (interval excludes 0)."""
+    from routelab.compare.stats import paired_difference
+
+    reference = results[0]
+    if "error" in reference:
+        return
+    ref_losses = [r["val_loss"] for r in reference["runs"]]
+    for v in results:
+        if "error" not in v:
+            v["paired_vs_reference"] = {"reference": reference["name"], "metric": "val_loss (nats/token)",
+                                        **paired_difference([r["val_loss"] for r in v["runs"]], ref_losses)}
 
 
 def check_resumable(out: Path, cfg: dict[str, Any]) -> None:
@@ -237,6 +321,8 @@ def run_variant(
     mc = model_config(cfg, variant, vocab_size=data.vocab_size)
     base = {"name": variant["name"], "router": variant["router"], "options": variant.get("options") or {},
             "k_schedule": variant.get("k_schedule")}
+    if variant.get("model"):
+        base["model"] = variant["model"]
     if model_kind(cfg) == "diffusion_lm":
         return run_diffusion_variant(cfg, variant, data, train_cfg, base=base, quiet=quiet, desc=desc,
                                      bar_position=bar_position)
@@ -274,7 +360,9 @@ def run_variant(
         "val_loss_by_domain": final["val_loss_by_domain"],
         "mean_experts_per_token": mean_ept,
         "experts_per_token_by_layer": ept,
-        "active_expert_flops_vs_topk": mean_ept / reference_k,
+        # routed-expert FLOPs per token and MoE layer (widths and Chain-of-Experts repeats counted) ÷ top-k's
+        "active_expert_flops_vs_topk": _mean(final["active_expert_flops_by_layer"]) / reference_k,
+        "active_expert_flops_by_layer": final["active_expert_flops_by_layer"],
         "imbalance_max_over_mean": _mean(final["imbalance_max_over_mean"]),
         "imbalance_cv": _mean(final["imbalance_cv"]),
         "imbalance_max_over_mean_by_layer": final["imbalance_max_over_mean"],

@@ -58,6 +58,7 @@ def expert_parallel(model: nn.Module, group=None, *, least_loaded: bool = False,
         )
     if not layers:
         raise ValueError(f"expert_parallel: {type(model).__name__} has no MoELayer")
+    banks_seen: dict[int, str] = {}
     for name, layer in layers:
         E, where = layer.router.num_experts, name or "the model"
         if isinstance(layer.dispatcher, AllToAllDispatcher):
@@ -70,6 +71,10 @@ def expert_parallel(model: nn.Module, group=None, *, least_loaded: bool = False,
         if layer.erc_loss_coef > 0:
             raise ValueError(f"expert_parallel: the MoELayer at {where} has erc_loss_coef > 0; ERC is not supported "
                              "under expert parallelism (it needs every expert's weights in one process)")
+        if id(layer.experts) in banks_seen:
+            raise ValueError(f"expert_parallel: the MoELayers at {banks_seen[id(layer.experts)]} and {where} share one "
+                             "expert bank (model.expert_pool: unipool); expert parallelism slices each layer's own bank")
+        banks_seen[id(layer.experts)] = where
         for pname, p in layer.experts.named_parameters():
             if "." in pname or p.dim() == 0 or p.shape[0] != E:
                 raise ValueError(

@@ -97,9 +97,12 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
         return self.forward_with_decision(x, ctx)[0]
 
-    def forward_with_decision(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, RoutingDecision]:
+    def forward_with_decision(
+        self, x: Tensor, ctx: RoutingContext | None = None, *, router: Router | None = None
+    ) -> tuple[Tensor, RoutingDecision]:
         """The forward, also returning the decision with its graph (a model hands `decision.state` to the next
-        MoE layer this way, explicitly)."""
+        MoE layer this way, explicitly). `router`: route with this router instead of the layer's own (Chain-of-
+        Experts routes each iteration with its own router over the same experts)."""
         if not x.is_floating_point():
             raise TypeError(f"MoELayer input must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
@@ -111,9 +114,9 @@ class MoELayer(nn.Module):
         ctx = (ctx or RoutingContext()).replace(batch_shape=tuple(x.shape[:-1]))
         x_TD = x.reshape(-1, self.d_model)
 
-        decision = self.router(x_TD, ctx)
+        decision = (router or self.router)(x_TD, ctx)
         if self.erc_loss_coef > 0 and self.training:
-            erc = self.erc_loss_coef * layer_erc_loss(self.router, self.experts, self.erc_alpha)
+            erc = self.erc_loss_coef * layer_erc_loss(router or self.router, self.experts, self.erc_alpha)
             decision = dataclasses.replace(decision, aux_losses={**decision.aux_losses, "erc": erc})
         self.last_decision = decision.detached()
         try:

@@ -34,7 +34,7 @@ import torch
 from routelab._atomic import atomic_write_bytes, atomic_write_text
 from routelab._runs import MARKER as RUN_MARKER
 from routelab._runs import TEMPORARY
-from routelab.models.transformer import ModelConfig, MoETransformerLM
+from routelab.models.transformer import OPTIONAL_FIELDS, ModelConfig, MoETransformerLM
 
 MODEL_FORMAT = "routelab-model"
 MODEL_FORMAT_VERSION = 1
@@ -212,7 +212,7 @@ def read_model_config(path: str | os.PathLike[str]) -> tuple[ModelConfig, torch.
     if not isinstance(fields_, dict):
         raise ModelFolderError(f"{config_path}: \"model\" must be a mapping of ModelConfig fields")
     valid = {f.name for f in fields(ModelConfig)}
-    unknown, absent = sorted(set(fields_) - valid), sorted(valid - set(fields_))
+    unknown, absent = sorted(set(fields_) - valid), sorted(valid - set(fields_) - set(OPTIONAL_FIELDS))
     if unknown:
         raise ModelFolderError(f"{config_path}: unknown model field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
     if absent:

@@ -27,12 +27,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routelab._checks import short_repr
+from routelab.experts.base import ExpertBank
+from routelab.experts.heterogeneous import HeterogeneousSwiGLUExperts
+from routelab.experts.reused import ReusedExperts, window
 from routelab.experts.swiglu import SwiGLUExperts
+from routelab.layers.chain import ChainOfExpertsLayer
 from routelab.layers.moe import MoELayer, total_aux_loss
 from routelab.models.kv_cache import DecodeCache
 from routelab.models.schedules import SHAPES, k_schedule
 from routelab.routing.base import RoutingContext
 from routelab.routing.registry import create_router, router_class, router_options
+
+
+EXPERT_POOLS = ("per_layer", "unipool", "rexmoe")
+MAX_CHAIN_ITERATIONS = 16
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,17 @@ class ModelConfig:
         else the schedule's `k`, else the router's default `k`, else 2; giving both with different values is an
         error, since one of them would be ignored.
     dense_d_ff: width of the dense FFN on non-MoE layers (default: d_ff).
+    chain_iterations: C ≥ 1; C > 1 makes every MoE layer a Chain-of-Experts layer (layers/chain.py): C iterations
+        over the same experts, each with its own router (default 1: the plain layer).
+    expert_pool: "per_layer" (default: each MoE layer owns its experts), "unipool" (UniPool: one pool of
+        `num_experts` experts, the same tensors in every MoE layer, each layer with its own router over the pool)
+        or "rexmoe" (ReXMoE, experts/reused.py: each layer routes over its own experts and those of `reuse_window`
+        layers on either side, E·(2·reuse_window+1) candidates).
+    reuse_window: r ≥ 0 for expert_pool "rexmoe" (0: the plain per-layer layer).
+    expert_widths: None (default: every expert has width d_ff) or one width per expert (Duo-LLM's small / big
+        experts; experts/heterogeneous.py); FLOPs are counted per width, relative to d_ff.
+    The last four are left out of `to_dict` at their defaults, so a model that does not use them saves the same
+    config.json as before they existed (and older model folders, which lack them, still load).
     """
 
     vocab_size: int = 4096
@@ -62,9 +81,17 @@ class ModelConfig:
     router: str = "topk"
     router_options: dict[str, Any] = field(default_factory=dict)
     k_schedule: dict[str, Any] | None = None
+    chain_iterations: int = 1
+    expert_pool: str = "per_layer"
+    expert_widths: list[int] | None = None
+    reuse_window: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for name, default in OPTIONAL_FIELDS.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     def moe_layer_indices(self) -> list[int]:
         """Block indices that hold an MoE layer: the last block of each group of `moe_every`."""
@@ -127,9 +154,32 @@ class ModelConfig:
         rope = self.rope_base
         if not isinstance(rope, (int, float)) or isinstance(rope, bool) or not math.isfinite(rope) or rope <= 0:
             raise ValueError(f"model.rope_base must be a finite number > 0, got {short_repr(rope)}")
+        c = self.chain_iterations
+        if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= MAX_CHAIN_ITERATIONS:
+            raise ValueError(f"model.chain_iterations must be an integer from 1 to {MAX_CHAIN_ITERATIONS}, got "
+                             f"{short_repr(c)}")
+        if self.expert_pool not in EXPERT_POOLS:
+            raise ValueError(f"model.expert_pool must be one of {', '.join(EXPERT_POOLS)}, got "
+                             f"{short_repr(self.expert_pool)}")
+        r = self.reuse_window
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"model.reuse_window must be an integer >= 0, got {short_repr(r)}")
+        if r and self.expert_pool != "rexmoe":
+            raise ValueError(f"model.reuse_window={r} needs model.expert_pool: rexmoe (got {self.expert_pool!r})")
+        widths = self.expert_widths
+        if widths is not None and (
+            not isinstance(widths, (list, tuple)) or len(widths) != self.num_experts
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
+        ):
+            raise ValueError(f"model.expert_widths must be null or a list of num_experts={self.num_experts} positive "
+                             f"integers (one width per expert), got {short_repr(widths)}")
         router_class(self.router)  # unknown name → ValueError listing the valid ones
         if not isinstance(self.router_options, dict):
             raise ValueError(f"router options must be a mapping, got {short_repr(self.router_options)}")
+
+
+# Fields a config may omit (to_dict leaves them out at these values): their default is the plain model.
+OPTIONAL_FIELDS = {"chain_iterations": 1, "expert_pool": "per_layer", "expert_widths": None, "reuse_window": 0}
 
 
 class RMSNorm(nn.Module):
@@ -228,12 +278,28 @@ class MoETransformerLM(nn.Module):
         shared = router_class(cfg.router).shared_modules(
             d_model=cfg.d_model, num_experts=cfg.num_experts, **cfg.router_options
         )
+        pool = self._expert_bank() if cfg.expert_pool == "unipool" else None  # UniPool: one bank, every layer
+        own = [self._expert_bank() for _ in moe_at] if cfg.expert_pool == "rexmoe" else None
+        num_experts = cfg.num_experts * len(window(0, len(moe_at), cfg.reuse_window)) if own else cfg.num_experts
         moe_layers: dict[int, MoELayer] = {}
         for j, i in enumerate(moe_at):
-            router = create_router(
-                cfg.router, d_model=cfg.d_model, num_experts=cfg.num_experts, **{**self.per_layer_options[j], **shared}
-            )
-            moe_layers[i] = MoELayer(cfg.d_model, cfg.d_ff, router, shared_experts=cfg.shared_experts)
+            def router() -> nn.Module:
+                return create_router(
+                    cfg.router, d_model=cfg.d_model, num_experts=num_experts, **{**self.per_layer_options[j], **shared}
+                )
+            if own is not None:  # ReXMoE: this layer's experts and its neighbours', the same tensors
+                near = window(j, len(moe_at), cfg.reuse_window)
+                experts = ReusedExperts([own[n] for n in near], own=near.index(j))
+            else:
+                experts = pool if pool is not None else self._expert_bank()
+            if cfg.chain_iterations > 1:
+                moe_layers[i] = ChainOfExpertsLayer(
+                    cfg.d_model, cfg.d_ff, router(), extra_routers=[router() for _ in range(cfg.chain_iterations - 1)],
+                    shared_experts=cfg.shared_experts, experts=experts,
+                )
+            else:
+                moe_layers[i] = MoELayer(cfg.d_model, cfg.d_ff, router(), shared_experts=cfg.shared_experts,
+                                         experts=experts)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, moe_layers.get(i)) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model)
@@ -241,6 +307,13 @@ class MoETransformerLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
+
+    def _expert_bank(self) -> ExpertBank | None:
+        """A routed expert bank of the configured widths; None: the layer builds its default SwiGLU bank."""
+        cfg = self.config
+        if cfg.expert_widths is not None:
+            return HeterogeneousSwiGLUExperts(list(cfg.expert_widths), cfg.d_model, cfg.d_ff)
+        return SwiGLUExperts(cfg.num_experts, cfg.d_model, cfg.d_ff) if cfg.expert_pool != "per_layer" else None
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -263,10 +336,17 @@ class MoETransformerLM(nn.Module):
                 nn.init.normal_(block.ffn.gate_up.weight, std=0.02)
                 nn.init.normal_(block.ffn.down.weight, std=residual_std)
             else:
-                for bank in (block.ffn.experts, block.ffn.shared_experts):
+                banks = [block.ffn.experts, block.ffn.shared_experts]
+                if isinstance(block.ffn.experts, ReusedExperts):
+                    banks[:1] = list(block.ffn.experts.banks)
+                for bank in banks:
                     if isinstance(bank, SwiGLUExperts):
                         nn.init.normal_(bank.w_gate_up, std=0.02)
                         nn.init.normal_(bank.w_down, std=residual_std)
+                    elif isinstance(bank, HeterogeneousSwiGLUExperts):
+                        for gate_up, down in zip(bank.w_gate_up, bank.w_down):
+                            nn.init.normal_(gate_up, std=0.02)
+                            nn.init.normal_(down, std=residual_std)
 
     def new_cache(self, batch_size: int, capacity: int) -> DecodeCache:
         """An empty decode cache for `batch_size` sequences of up to `capacity` tokens (≤ max_seq_len)."""

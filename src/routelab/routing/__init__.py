@@ -12,6 +12,7 @@ from routelab.routing import (  # noqa: F401  (importing a family registers its 
     kmeans,
     null_experts,
     pregate,
+    prototype,
     random_fixed,
     recurrent,
     similarity,

@@ -261,7 +261,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     layers = model.moe_layers
-    E = model.config.num_experts
+    E = layers[0].router.num_experts if layers else model.config.num_experts  # ReXMoE layers route over more
     n_layers = len(layers)
     total_loss, total_tokens = 0.0, 0
     by_domain: dict[str, float] = {}
@@ -270,6 +270,7 @@ def evaluate(
     max_over_mean = torch.zeros(n_layers, dtype=torch.float64)
     cv = torch.zeros(n_layers, dtype=torch.float64)
     assignments = torch.zeros(n_layers, dtype=torch.float64)
+    expert_units = torch.zeros(n_layers, dtype=torch.float64)  # assignments weighted by expert width ÷ d_ff
     dropped = torch.zeros(n_layers, dtype=torch.float64)
     ept_hist: dict[int, int] = {}
     n_batches, routed_tokens = 0, 0
@@ -294,6 +295,7 @@ def evaluate(
                     max_over_mean[j] += (lj.max() / mean).item() if mean > 0 else float("nan")
                     cv[j] += (lj.std(unbiased=False) / mean).item() if mean > 0 else float("nan")
                     assignments[j] += dec.num_assignments
+                    expert_units[j] += active_expert_units(layer, dec)
                     dropped[j] += dec.num_dropped
                     for count, n in zip(*torch.unique(dec.experts_per_token(), return_counts=True)):
                         ept_hist[int(count)] = ept_hist.get(int(count), 0) + int(n)
@@ -313,11 +315,22 @@ def evaluate(
             "imbalance_max_over_mean": (max_over_mean / n_batches).tolist(),
             "imbalance_cv": (cv / n_batches).tolist(),
             "experts_per_token_by_layer": per_layer_ept,
+            "active_expert_flops_by_layer": (expert_units / routed_tokens).tolist(),
             "experts_per_token_histogram": {str(k): v for k, v in sorted(ept_hist.items())},
             "dropped_fraction": (dropped.sum() / max(1.0, (assignments + dropped).sum())).item(),
             "routed_tokens_per_layer": routed_tokens,
         })
     return out
+
+
+def active_expert_units(layer: torch.nn.Module, decision: Any) -> float:
+    """Routed-expert FLOPs of one decision in units of one d_ff-wide expert on one token: the number of assignments,
+    each weighted by its expert's width ÷ d_ff when the bank's experts differ in width (`relative_widths()`).
+    A Chain-of-Experts layer's decision holds every iteration's assignments, so repeats are counted."""
+    widths = getattr(layer.experts, "relative_widths", None)
+    if widths is None:
+        return float(decision.num_assignments)
+    return float(widths()[decision.expert_index].sum())
 
 
 def _eval_record(
