@@ -454,7 +454,6 @@ def test_oversized_chunked_body_unknown_path_and_broken_router(client, gateway):
 
 
 def test_200_concurrent_requests_each_logged_on_one_intact_line(upstreams, tmp_path):
-    import asyncio
 
     # A gateway of its own: the shared one's 1 s upstream timeout is for the fallback tests, and 200 requests
     # through three servers in one process on a shared CPU can take longer than that.

@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -142,7 +142,7 @@ def write_sweep(result: dict[str, Any], out: str | Path, *, title: str = "routel
     ax.set_title("quality against compute")
     ax.legend()
     plot = _save(fig, out / "sweep.png")
-    lines = [f"# {title}", "", f"Tokens per domain: " + ", ".join(
+    lines = [f"# {title}", "", "Tokens per domain: " + ", ".join(
         f"**{d}** {result['tokens_per_domain'][d]:,}" for d in names) + ".", "",
         "| setting | experts/token | active FLOPs (× trained) | ppl | " + " | ".join(f"ppl {d}" for d in names) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(names)]

@@ -95,7 +95,7 @@ def kfold_splits(n: int, folds: int, seed: int, groups: list[str] | None = None)
 def _sweep(router, test: Outcomes, scores_NM: np.ndarray, lam_grid: np.ndarray, k_points: int):
     """Per sweep index: (choice [N], calls [N, M]) on the test prompts, and the knob values used."""
     prompts = test.prompts
-    out, knobs = [], []
+    out = []
     if router.name == "cascade":
         values = np.linspace(0.0, 1.0, k_points)
         for tau in values:

@@ -19,7 +19,6 @@ single prompts; the whole request goes to the chosen model unchanged but for `mo
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import inspect
 import json

@@ -284,7 +284,7 @@ def _load_mt_bench(folder: Path, exclude: bool) -> Outcomes:
         prompts.append(q["turns"][0])
         scores.append([(np.mean(judged[(qid, m)]) - 1.0) / 9.0 for m in models])
         cats.append(str(q.get("category", "mt_bench")))
-    notes = [f"MT-Bench judge scores 1-10 averaged over turns and mapped to [0, 1] as (s - 1) / 9"]
+    notes = ["MT-Bench judge scores 1-10 averaged over turns and mapped to [0, 1] as (s - 1) / 9"]
     if excluded:
         notes.append(f"{excluded} MT-Bench questions excluded as contaminated")
     return Outcomes(prompts, models, np.array(scores), None, cats, ["mt_bench"] * len(prompts), notes=tuple(notes))

@@ -169,7 +169,6 @@ class TopKRouter(Router):
     # -- forward ------------------------------------------------------------------------------------------------
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingDecision:
-        T, E, k = x_TD.shape[0], self.num_experts, self.k
         dtype = router_dtype(x_TD)
         x_TD = x_TD.to(dtype)
         if self.training and self.jitter > 0:

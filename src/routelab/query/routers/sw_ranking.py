@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from routelab._checks import check_int, check_number
+from routelab._checks import check_number
 from routelab.query.routers.base import QueryRouter, register_query_router
 
 _CHUNK = 1024
