@@ -86,7 +86,7 @@ def test_routers_flag_and_data_files(tmp_path, capsys):
         (["--config", "BADFIELD"], "train: unknown field\\(s\\) stepz; valid fields: .*steps"),
         (["--config", "BADVALUE"], "train.lr must be"),
         (["--config", "BADOPTION"], "variants\\[0\\] \\(topk\\): router 'topk' has no option\\(s\\) kk"),
-        (["--preset", "huge"], "unknown preset 'huge'; valid presets: smoke, default, diffusion"),
+        (["--preset", "huge"], "unknown preset 'huge'; valid presets: smoke, default, depth, paper, diffusion"),
         (["--steps", "0"], "--steps must be a positive integer"),
     ],
 )
