@@ -8,7 +8,6 @@ import os
 import re
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -45,13 +44,12 @@ def config_file(tmp_path, text: str) -> Path:
 ])
 def test_absurd_sizes_are_refused_from_an_estimate_without_allocating(tmp_path, text, field):
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         resolve(preset="smoke", config_file=config_file(tmp_path, text))
     message = str(info.value)
     assert re.search(r"needs at least [\d,.]+ GiB, more than this machine's [\d,.]+ GiB of RAM", message), message
     assert field in message
-    assert time.perf_counter() - started < 20  # an estimate, not a build (the shared CI machine may be slow)
+    # an estimate, not a build: the peak memory barely moves (building would allocate gigabytes)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200 * 1024  # KiB: under 200 MB more
 
 
@@ -99,10 +97,11 @@ BOMB = "".join(
 @pytest.mark.timeout(60)
 def test_yaml_bombs_devices_pipes_and_huge_files_are_refused(tmp_path):
     assert len(BOMB) < 1500  # expands to 9^9 = 387 million strings
-    started = time.perf_counter()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ConfigError, match=r"expands to more than 100,000 values \(YAML aliases"):
         resolve(preset="smoke", config_file=config_file(tmp_path, BOMB))
-    assert time.perf_counter() - started < 10
+    # refused while counting, not after expanding (the expansion holds 387 million strings; the timeout bounds time)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200 * 1024  # KiB
     for device in ("/dev/zero", "/dev/urandom"):
         with pytest.raises(ConfigError, match=f"config file {device} is not a regular file"):
             resolve(preset="smoke", config_file=device)
