@@ -345,8 +345,6 @@ def run_variant(
     causal_eval = model.causal
     model.train()
     causal_train = model.causal
-    ept = final["experts_per_token_by_layer"]
-    mean_ept = sum(ept) / len(ept)
     reference_k = cfg.get("reference_k", 2)
     return {
         **base,
@@ -355,26 +353,14 @@ def run_variant(
         "causal_eval": bool(causal_eval),
         "causal_train": bool(causal_train),
         "params": sum(p.numel() for p in model.parameters()),
-        "val_loss": final["val_loss"],
-        "val_perplexity": math.exp(final["val_loss"]) if final["val_loss"] < 700 else float("inf"),
-        "val_loss_by_domain": final["val_loss_by_domain"],
-        "mean_experts_per_token": mean_ept,
-        "experts_per_token_by_layer": ept,
+        **evaluation_fields(final),
         # routed-expert FLOPs per token and MoE layer (widths and Chain-of-Experts repeats counted) ÷ top-k's
         "active_expert_flops_vs_topk": _mean(final["active_expert_flops_by_layer"]) / reference_k,
         "active_expert_flops_by_layer": final["active_expert_flops_by_layer"],
-        "imbalance_max_over_mean": _mean(final["imbalance_max_over_mean"]),
-        "imbalance_cv": _mean(final["imbalance_cv"]),
-        "imbalance_max_over_mean_by_layer": final["imbalance_max_over_mean"],
-        "imbalance_cv_by_layer": final["imbalance_cv"],
-        "dropped_fraction": final["dropped_fraction"],
         "train_tokens": run.train_tokens,
         "train_seconds": run.train_seconds,
         "train_tokens_per_second": steady_tokens_per_second(run.train_curve, train_cfg.batch_size * train_cfg.seq_len),
         "wall_seconds": wall,
-        "load": final["load"],
-        "load_by_domain": final["load_by_domain"],
-        "experts_per_token_histogram": final["experts_per_token_histogram"],
         "train_curve": [{k: r[k] for k in ("step", "loss", "lm_loss", "aux_loss", "lr", "seconds") if k in r}
                         for r in run.train_curve],
         "val_curve": [{"step": r["step"], "val_loss": r["val_loss"], "by_domain": r["by_domain"]}
@@ -399,8 +385,7 @@ def run_diffusion_variant(
         return {**base, "error": f"{type(exc).__name__}: {exc}", "wall_seconds": time.perf_counter() - t0}
     model, final = run["model"], run["final"]
     causal = bool(model.net.causal)
-    ept = final["experts_per_token_by_layer"]
-    mean_ept = sum(ept) / len(ept)
+    fields = evaluation_fields(final)
     reference_k = cfg.get("reference_k", 2)
     return {
         **base,
@@ -411,29 +396,36 @@ def run_diffusion_variant(
         "causal": causal, "causal_eval": causal, "causal_train": causal,
         "comparable": True,
         "params": sum(p.numel() for p in model.parameters()),
-        "val_loss": final["val_loss"],
-        "val_perplexity": math.exp(final["val_loss"]) if final["val_loss"] < 700 else float("inf"),
-        "val_loss_by_domain": final["val_loss_by_domain"],
-        "mean_experts_per_token": mean_ept,
-        "experts_per_token_by_layer": ept,
-        "active_expert_flops_vs_topk": mean_ept / reference_k,
+        **fields,
+        "active_expert_flops_vs_topk": fields["mean_experts_per_token"] / reference_k,
         "flops_by_t": [{**b, "flops_vs_topk": b["mean"] / reference_k} for b in final["experts_per_token_by_t"]],
-        "imbalance_max_over_mean": _mean(final["imbalance_max_over_mean"]),
-        "imbalance_cv": _mean(final["imbalance_cv"]),
-        "imbalance_max_over_mean_by_layer": final["imbalance_max_over_mean"],
-        "imbalance_cv_by_layer": final["imbalance_cv"],
-        "dropped_fraction": final["dropped_fraction"],
         "train_tokens": run["train_tokens"],
         "train_seconds": run["train_seconds"],
         "train_tokens_per_second": steady_tokens_per_second(run["train_curve"],
                                                             train_cfg.batch_size * train_cfg.seq_len),
         "wall_seconds": time.perf_counter() - t0,
-        "load": final["load"],
-        "load_by_domain": final["load_by_domain"],
-        "experts_per_token_histogram": final["experts_per_token_histogram"],
         "train_curve": run["train_curve"],
         "val_curve": [{"step": r["step"], "val_loss": r["val_loss"], "by_domain": r["by_domain"]}
                       for r in run["val_curve"]],
+    }
+
+
+def evaluation_fields(final: dict[str, Any]) -> dict[str, Any]:
+    """The result fields an autoregressive and a diffusion variant share, from the final evaluation's statistics."""
+    return {
+        "val_loss": final["val_loss"],
+        "val_perplexity": math.exp(final["val_loss"]) if final["val_loss"] < 700 else float("inf"),
+        "val_loss_by_domain": final["val_loss_by_domain"],
+        "mean_experts_per_token": sum(final["experts_per_token_by_layer"]) / len(final["experts_per_token_by_layer"]),
+        "experts_per_token_by_layer": final["experts_per_token_by_layer"],
+        "imbalance_max_over_mean": _mean(final["imbalance_max_over_mean"]),
+        "imbalance_cv": _mean(final["imbalance_cv"]),
+        "imbalance_max_over_mean_by_layer": final["imbalance_max_over_mean"],
+        "imbalance_cv_by_layer": final["imbalance_cv"],
+        "dropped_fraction": final["dropped_fraction"],
+        "load": final["load"],
+        "load_by_domain": final["load_by_domain"],
+        "experts_per_token_histogram": final["experts_per_token_histogram"],
     }
 
 
