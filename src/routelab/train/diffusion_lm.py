@@ -27,7 +27,7 @@ from routelab.layers.moe import total_aux_loss
 from routelab.models.diffusion_lm import MaskedDiffusionLM, mask_tokens, nelbo_per_token
 from routelab.models.transformer import ModelConfig
 from routelab.routing.base import update_routers
-from routelab.train.loop import TrainConfig, lr_at, make_optimizer
+from routelab.train.loop import RoutingStats, TrainConfig, lr_at, make_optimizer
 from routelab.train.memory import check_training_memory
 
 T_BINS = 5
@@ -119,21 +119,14 @@ def evaluate_nelbo(
     was_training = model.training
     model.eval()
     layers = model.moe_layers
-    E, n_layers = model.config.num_experts, len(layers)
+    n_layers = len(layers)
+    routing = RoutingStats(model)
     total, total_windows, by_domain = 0.0, 0, {}
-    load = torch.zeros(n_layers, E, dtype=torch.float64)
-    domain_load: dict[str, torch.Tensor] = {}
-    max_over_mean = torch.zeros(n_layers, dtype=torch.float64)
-    cv = torch.zeros(n_layers, dtype=torch.float64)
-    assignments = torch.zeros(n_layers, dtype=torch.float64)
-    dropped = torch.zeros(n_layers, dtype=torch.float64)
-    ept_hist: dict[int, int] = {}
     t_all, ept_all = [], []
-    n_batches, routed_tokens = 0, 0
     generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
     for name, inputs, _ in val_sets:
         t_N = eval_times(inputs.shape[0])
-        dom_sum, dom_load = 0.0, torch.zeros(n_layers, E, dtype=torch.float64)
+        dom_sum = 0.0
         for i in range(0, inputs.shape[0], batch_size):
             x0_BL, t_B = inputs[i : i + batch_size], t_N[i : i + batch_size]
             xt_BL, masked_BL = mask_tokens(x0_BL, t_B, model.mask_id, generator)
@@ -141,44 +134,20 @@ def evaluate_nelbo(
             dom_sum += nelbo_per_token(logits, x0_BL, masked_BL, t_B).item() * x0_BL.shape[0]
             if stats:
                 B, L = x0_BL.shape
-                n_batches += 1
-                routed_tokens += B * L
+                routing.add(name, B * L)
                 ept_B = torch.zeros(B, dtype=torch.float64)
-                for j, layer in enumerate(layers):
-                    dec = layer.last_decision
-                    lj = dec.expert_load().double()
-                    dom_load[j] += lj
-                    mean = lj.mean()
-                    max_over_mean[j] += (lj.max() / mean).item() if mean > 0 else float("nan")
-                    cv[j] += (lj.std(unbiased=False) / mean).item() if mean > 0 else float("nan")
-                    assignments[j] += dec.num_assignments
-                    dropped[j] += dec.num_dropped
-                    ept_T = dec.experts_per_token()
-                    ept_B += ept_T.view(B, L).double().mean(-1) / n_layers
-                    for count, n in zip(*torch.unique(ept_T, return_counts=True)):
-                        ept_hist[int(count)] = ept_hist.get(int(count), 0) + int(n)
+                for layer in layers:  # per sequence, for the FLOPs-by-t table
+                    ept_B += layer.last_decision.experts_per_token().view(B, L).double().mean(-1) / n_layers
                 t_all.append(t_B.double())
                 ept_all.append(ept_B)
         by_domain[name] = dom_sum / inputs.shape[0]
         total += dom_sum
         total_windows += inputs.shape[0]
-        load += dom_load
-        domain_load[name] = dom_load
     if was_training:
         model.train()
     out: dict[str, Any] = {"step": step, "val_loss": total / total_windows, "val_loss_by_domain": by_domain}
     if stats:
-        out.update({
-            "load": load.tolist(),
-            "load_by_domain": {k: v.tolist() for k, v in domain_load.items()},
-            "imbalance_max_over_mean": (max_over_mean / n_batches).tolist(),
-            "imbalance_cv": (cv / n_batches).tolist(),
-            "experts_per_token_by_layer": (assignments / routed_tokens).tolist(),
-            "experts_per_token_histogram": {str(k): v for k, v in sorted(ept_hist.items())},
-            "dropped_fraction": (dropped.sum() / max(1.0, (assignments + dropped).sum())).item(),
-            "routed_tokens_per_layer": routed_tokens,
-            "experts_per_token_by_t": bin_by_t(torch.cat(t_all), torch.cat(ept_all)),
-        })
+        out.update({**routing.result(), "experts_per_token_by_t": bin_by_t(torch.cat(t_all), torch.cat(ept_all))})
     return out
 
 

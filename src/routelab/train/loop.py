@@ -260,23 +260,11 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    layers = model.moe_layers
-    E = layers[0].router.num_experts if layers else model.config.num_experts  # ReXMoE layers route over more
-    n_layers = len(layers)
+    routing = RoutingStats(model)
     total_loss, total_tokens = 0.0, 0
     by_domain: dict[str, float] = {}
-    load = torch.zeros(n_layers, E, dtype=torch.float64)
-    domain_load: dict[str, torch.Tensor] = {}
-    max_over_mean = torch.zeros(n_layers, dtype=torch.float64)
-    cv = torch.zeros(n_layers, dtype=torch.float64)
-    assignments = torch.zeros(n_layers, dtype=torch.float64)
-    expert_units = torch.zeros(n_layers, dtype=torch.float64)  # assignments weighted by expert width ÷ d_ff
-    dropped = torch.zeros(n_layers, dtype=torch.float64)
-    ept_hist: dict[int, int] = {}
-    n_batches, routed_tokens = 0, 0
     for name, inputs, targets in val_sets:
         dom_loss, dom_tokens = 0.0, 0
-        dom_load = torch.zeros(n_layers, E, dtype=torch.float64)
         for i in range(0, inputs.shape[0], batch_size):
             x, y = inputs[i : i + batch_size], targets[i : i + batch_size]
             logits, _ = model(x, step=step)
@@ -285,42 +273,68 @@ def evaluate(
             dom_loss += loss.item()
             dom_tokens += y.numel()
             if stats:
-                n_batches += 1
-                routed_tokens += x.numel()
-                for j, layer in enumerate(layers):
-                    dec = layer.last_decision
-                    lj = dec.expert_load().double()
-                    dom_load[j] += lj
-                    mean = lj.mean()
-                    max_over_mean[j] += (lj.max() / mean).item() if mean > 0 else float("nan")
-                    cv[j] += (lj.std(unbiased=False) / mean).item() if mean > 0 else float("nan")
-                    assignments[j] += dec.num_assignments
-                    expert_units[j] += active_expert_units(layer, dec)
-                    dropped[j] += dec.num_dropped
-                    for count, n in zip(*torch.unique(dec.experts_per_token(), return_counts=True)):
-                        ept_hist[int(count)] = ept_hist.get(int(count), 0) + int(n)
+                routing.add(name, x.numel())
         by_domain[name] = dom_loss / dom_tokens
         total_loss += dom_loss
         total_tokens += dom_tokens
-        load += dom_load
-        domain_load[name] = dom_load
     if was_training:
         model.train()
     out: dict[str, Any] = {"step": step, "val_loss": total_loss / total_tokens, "val_loss_by_domain": by_domain}
     if stats:
-        per_layer_ept = (assignments / routed_tokens).tolist()
-        out.update({
-            "load": load.tolist(),
-            "load_by_domain": {k: v.tolist() for k, v in domain_load.items()},
-            "imbalance_max_over_mean": (max_over_mean / n_batches).tolist(),
-            "imbalance_cv": (cv / n_batches).tolist(),
-            "experts_per_token_by_layer": per_layer_ept,
-            "active_expert_flops_by_layer": (expert_units / routed_tokens).tolist(),
-            "experts_per_token_histogram": {str(k): v for k, v in sorted(ept_hist.items())},
-            "dropped_fraction": (dropped.sum() / max(1.0, (assignments + dropped).sum())).item(),
-            "routed_tokens_per_layer": routed_tokens,
-        })
+        out.update(routing.result())
     return out
+
+
+class RoutingStats:
+    """Routing statistics of a model's MoE layers summed over evaluation forwards (one `add` after each forward,
+    reading every layer's `last_decision`): load per layer and expert (overall and per domain), per-batch imbalance
+    max/mean and CV, experts per token, active expert FLOPs (widths and repeats counted), histogram, dropped share."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.layers = model.moe_layers
+        E = self.layers[0].router.num_experts if self.layers else model.config.num_experts  # ReXMoE routes over more
+        n_layers = len(self.layers)
+        self.load_by_domain: dict[str, torch.Tensor] = {}
+        self.zeros_LE = lambda: torch.zeros(n_layers, E, dtype=torch.float64)
+        self.max_over_mean = torch.zeros(n_layers, dtype=torch.float64)
+        self.cv = torch.zeros(n_layers, dtype=torch.float64)
+        self.assignments = torch.zeros(n_layers, dtype=torch.float64)
+        self.expert_units = torch.zeros(n_layers, dtype=torch.float64)  # assignments weighted by width ÷ d_ff
+        self.dropped = torch.zeros(n_layers, dtype=torch.float64)
+        self.ept_hist: dict[int, int] = {}
+        self.n_batches, self.routed_tokens = 0, 0
+
+    def add(self, domain: str, tokens: int) -> None:
+        """Count the last forward (of `tokens` tokens, from `domain`)."""
+        dom_load = self.load_by_domain.setdefault(domain, self.zeros_LE())
+        self.n_batches += 1
+        self.routed_tokens += tokens
+        for j, layer in enumerate(self.layers):
+            dec = layer.last_decision
+            lj = dec.expert_load().double()
+            dom_load[j] += lj
+            mean = lj.mean()
+            self.max_over_mean[j] += (lj.max() / mean).item() if mean > 0 else float("nan")
+            self.cv[j] += (lj.std(unbiased=False) / mean).item() if mean > 0 else float("nan")
+            self.assignments[j] += dec.num_assignments
+            self.expert_units[j] += active_expert_units(layer, dec)
+            self.dropped[j] += dec.num_dropped
+            for count, n in zip(*torch.unique(dec.experts_per_token(), return_counts=True)):
+                self.ept_hist[int(count)] = self.ept_hist.get(int(count), 0) + int(n)
+
+    def result(self) -> dict[str, Any]:
+        load = sum(self.load_by_domain.values(), self.zeros_LE())
+        return {
+            "load": load.tolist(),
+            "load_by_domain": {k: v.tolist() for k, v in self.load_by_domain.items()},
+            "imbalance_max_over_mean": (self.max_over_mean / self.n_batches).tolist(),
+            "imbalance_cv": (self.cv / self.n_batches).tolist(),
+            "experts_per_token_by_layer": (self.assignments / self.routed_tokens).tolist(),
+            "active_expert_flops_by_layer": (self.expert_units / self.routed_tokens).tolist(),
+            "experts_per_token_histogram": {str(k): v for k, v in sorted(self.ept_hist.items())},
+            "dropped_fraction": (self.dropped.sum() / max(1.0, (self.assignments + self.dropped).sum())).item(),
+            "routed_tokens_per_layer": self.routed_tokens,
+        }
 
 
 def active_expert_units(layer: torch.nn.Module, decision: Any) -> float:
