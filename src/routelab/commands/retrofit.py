@@ -56,6 +56,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--hidden", type=int, help="router bottleneck width (default: d_model / 4, at least 4)")
     parser.add_argument("--gamma", type=float, default=2.0, help="focal loss γ (0: class-balanced cross-entropy; "
                         "default %(default)s)")
+    parser.add_argument("--no-class-balance", action="store_true", help="plain focal loss, without Dr.LLM's "
+                        "class-balancing weights (α_c ∝ 1 / count of action c)")
     parser.add_argument("--steps", type=int, default=100, help="router training steps, full batch "
                         "(default %(default)s)")
     parser.add_argument("--lr", type=float, default=3e-3, help="router learning rate (default %(default)s)")
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         routers, report = retrofit(
             model, train_ids, val_ids, budget=args.budget, prompt_len=prompt_len, pool_windows=args.pool_windows,
-            hidden=args.hidden, gamma=args.gamma, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+            hidden=args.hidden, gamma=args.gamma, class_balance=not args.no_class_balance, steps=args.steps, lr=args.lr,
+            batch_size=args.batch_size,
             seed=args.seed, max_plans=args.max_plans, log=print,
         )
     except ValueError as exc:  # a model retrofit cannot execute (a stateful router, depth options)
@@ -148,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
 ROW_NAMES = {
     "full": "full model (every block once)",
-    "static": "best static plan (one plan for all, chosen on the training windows)",
+    "static": "best static plan {plan} (one plan for every window, chosen on the training windows)",
     "routers": "routers (decided from the prompt)",
     "oracle": "searched plan per window (oracle: chosen on the judged tokens)",
 }
@@ -188,8 +191,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     ]
     for name, label in ROW_NAMES.items():
         r = rows[name]
-        extra = f" {tuple(r['plan'])}" if name == "static" else ""
-        lines.append(f"| {label}{extra} | {r['loss']:.4f} | {_ppl(r)} | {r['block_runs_fraction']:.3f} | "
+        label = label.format(plan=tuple(r["plan"])) if name == "static" else label
+        lines.append(f"| {label} | {r['loss']:.4f} | {_ppl(r)} | {r['block_runs_fraction']:.3f} | "
                      f"{r['expert_flops_fraction']:.3f} |")
     lines += [
         "", f"Routers' plans equal the oracle's on {rows['routers']['plan_matches_oracle']:.1%} of validation windows.",

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab._checks import check_int, check_number
+from routelab._checks import check_bool, check_int, check_number
 
 __all__ = [
     "ACTIONS",
@@ -380,17 +380,18 @@ def class_weights(target_N: Tensor, num_classes: int = 3) -> Tensor:
 
 
 def train_routers(
-    routers: LayerRouters, feats_LNWD: Tensor, plans_NN: Tensor, *, steps: int = 300, lr: float = 3e-3,
-    gamma: float = 2.0, weight_decay: float = 0.01, seed: int = 0,
+    routers: LayerRouters, feats_LNWD: Tensor, plans_NN: Tensor, *, steps: int = 100, lr: float = 3e-3,
+    gamma: float = 2.0, class_balance: bool = True, weight_decay: float = 0.01, seed: int = 0,
 ) -> list[float]:
-    """Full-batch AdamW on the sum over blocks of each router's class-balanced focal loss against the searched
-    actions; returns the loss per step. Only `routers`' parameters change."""
+    """Full-batch AdamW on the sum over blocks of each router's focal loss (class-balanced unless `class_balance`
+    is False) against the searched actions; returns the loss per step. Only `routers`' parameters change."""
     check_int("steps", steps, 1)
     check_number("lr", lr, low=0.0, open_low=True)
     check_number("gamma", gamma, low=0.0)
     torch.manual_seed(seed)
     feats_LNWD = feats_LNWD.detach()
-    weights = [class_weights(plans_NN[:, i]) for i in range(plans_NN.shape[1])]
+    check_bool("class_balance", class_balance)
+    weights = [class_weights(plans_NN[:, i]) if class_balance else None for i in range(plans_NN.shape[1])]
     opt = torch.optim.AdamW(routers.parameters(), lr=lr, weight_decay=weight_decay)
     history = []
     routers.train()
@@ -425,7 +426,8 @@ def _evaluate(model: nn.Module, ids_NL: Tensor, prompt_len: int, batch_size: int
 
 def retrofit(
     model: nn.Module, train_ids: Tensor, val_ids: Tensor, *, budget: float, prompt_len: int, pool_windows: int = 4,
-    hidden: int | None = None, gamma: float = 2.0, steps: int = 300, lr: float = 3e-3, batch_size: int = 16,
+    hidden: int | None = None, gamma: float = 2.0, class_balance: bool = True, steps: int = 100, lr: float = 3e-3,
+    batch_size: int = 16,
     seed: int = 0, max_plans: int = MAX_PLANS, log: Callable[[str], None] | None = None,
 ) -> tuple[LayerRouters, dict[str, Any]]:
     """Search plans on `train_ids` windows, train routers on them, and evaluate on `val_ids` windows.
@@ -479,7 +481,8 @@ def retrofit(
         torch.manual_seed(seed)
         routers = LayerRouters(config)
         feats = prompt_features(model, routers, train_ids, train_best, batch_size=batch_size)
-        history = train_routers(routers, feats, train_best, steps=steps, lr=lr, gamma=gamma, seed=seed)
+        history = train_routers(routers, feats, train_best, steps=steps, lr=lr, gamma=gamma,
+                                 class_balance=class_balance, seed=seed)
         timings["train_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -535,6 +538,7 @@ def retrofit(
         "routers": asdict(config),
         "router_parameters": sum(p.numel() for p in routers.parameters()),
         "focal_gamma": gamma,
+        "class_balance": class_balance,
         "steps": steps,
         "lr": lr,
         "final_train_loss": history[-1],
