@@ -76,6 +76,26 @@ def test_plan_of_all_ones_is_the_model_forward_exactly():
         assert run.runs_BN.tolist() == [[1, 1, 1]] * ids.shape[0]
 
 
+@pytest.mark.parametrize("extra", [
+    {"chain_iterations": 2},
+    {"expert_pool": "unipool"},
+    {"expert_pool": "rexmoe", "reuse_window": 1},
+    {"router": "null_experts", "router_options": {"num_null_experts": 1, "k": 1}, "num_experts": 2,
+     "expert_widths": [8, 32]},
+])
+@torch.no_grad()
+def test_plan_of_all_ones_is_the_model_forward_for_every_model_option(extra):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{"vocab_size": 48, "d_model": 16, "n_layers": 3, "n_heads": 2, "d_ff": 16, "num_experts": 4,
+                         "max_seq_len": 32, "router": "topk", "router_options": {"k": 2}, **extra})
+    model = MoETransformerLM(cfg).eval()
+    ids = windows()
+    assert torch.equal(run_plans(model, ids, [1, 1, 1])[0], model(ids)[0])
+    _, once = run_plans(model, ids, [1, 1, 1])
+    _, twice = run_plans(model, ids, [2, 2, 2])
+    assert once.expert_units > 0 and twice.expert_units > once.expert_units  # repeats spend routed experts again
+
+
 @torch.no_grad()
 def test_skip_and_repeat_per_sequence_equal_a_hand_loop():
     model = tiny_model(moe_every=2)
