@@ -18,6 +18,7 @@ import routelab
 from routelab.cli import main
 from routelab.inference.retrofit import (
     LayerRouters,
+    beam_search_plans,
     RouterConfig,
     class_weights,
     focal_loss,
@@ -128,6 +129,25 @@ def test_exhaustive_search_equals_brute_force():
     cheap, cheap_losses = plan_losses(model, ids, prompt_len=P, budget=0.5, batch_size=8)
     assert cheap == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
     torch.testing.assert_close(cheap_losses, brute[:, [plans.index(p) for p in cheap]], rtol=0, atol=1e-9)
+
+
+def test_beam_search_is_exact_when_wide_and_scores_its_plans_exactly_when_narrow():
+    model = tiny_model()
+    ids, P = windows(n=5), 4
+    for budget in (0.5, 1.0, 2.0):
+        plans, losses = plan_losses(model, ids, prompt_len=P, budget=budget)
+        wide, wide_losses = beam_search_plans(model, ids, prompt_len=P, budget=budget, beam=27, batch_size=2)
+        assert torch.equal(wide, search_plans(plans, losses))
+        torch.testing.assert_close(wide_losses, losses.min(1).values, rtol=0, atol=1e-12)
+        narrow, narrow_losses = beam_search_plans(model, ids, prompt_len=P, budget=budget, beam=1, batch_size=3)
+        cap = int(budget * 3)
+        fill = tuple(1 if i < cap else 0 for i in range(3))  # execute blocks in order while the budget lasts
+        with torch.no_grad():
+            for n in range(5):
+                plan = tuple(narrow[n].tolist())
+                assert sum(plan) <= cap
+                assert narrow_losses[n].item() == pytest.approx(hand_continuation_loss(model, ids[n], plan, P), abs=1e-9)
+                assert narrow_losses[n].item() <= hand_continuation_loss(model, ids[n], fill, P) + 1e-9
 
 
 def test_focal_loss_equals_a_hand_computation_and_cross_entropy_at_gamma_0():
@@ -306,6 +326,10 @@ def test_cli_end_to_end_writes_routers_and_a_report_whose_numbers_hold(trained, 
     assert "| full model" in (out / "report.md").read_text()
     assert main(_args(trained, out, "--budget", "0.5")) == 0  # a rerun replaces its own run
     assert json.loads((out / "retrofit.json").read_text())["plans_searched"] == 3
+    assert main(_args(trained, out, "--budget", "2", "--max-plans", "5", "--beam", "2")) == 0  # 9 plans > 5: beam
+    report = json.loads((out / "retrofit.json").read_text())
+    assert report["search"] == "beam 2" and report["plans_searched"] is None
+    assert report["rows"]["oracle"]["loss"] <= report["rows"]["full"]["loss"] + 1e-9  # all ones is scored (the fill of "execute block 0")
 
 
 def _fails(capsys, argv, message):
@@ -323,7 +347,7 @@ def test_cli_bad_input_is_one_line_before_any_work(trained, tmp_path, capsys):
     _fails(capsys, _args(trained, out, "--steps", "0"), "--steps must be an integer >= 1")
     _fails(capsys, _args(trained, out, "--gamma", "-1"), "--gamma must be a number >= 0.0")
     _fails(capsys, _args(trained, out, "--seq-len", "999"), "exceeds the model's max_seq_len")
-    _fails(capsys, _args(trained, out, "--budget", "2", "--max-plans", "5"), "--max-plans 5")
+    _fails(capsys, _args(trained, out, "--beam", "0"), "--beam must be an integer >= 1")
     _fails(capsys, ["retrofit", str(tmp_path / "nope"), "--out", str(out)], "nope")
     assert not out.exists()
     precious = tmp_path / "precious"

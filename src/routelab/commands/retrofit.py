@@ -61,8 +61,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=100, help="router training steps, full batch "
                         "(default %(default)s)")
     parser.add_argument("--lr", type=float, default=3e-3, help="router learning rate (default %(default)s)")
-    parser.add_argument("--max-plans", type=int, default=729, help="refuse a search over more plans than this "
-                        "(default %(default)s = 3^6)")
+    parser.add_argument("--max-plans", type=int, default=729, help="search every plan when the budget allows at "
+                        "most this many, else a beam search (default %(default)s = 3^6: exhaustive up to 6 layers)")
+    parser.add_argument("--beam", type=int, default=4, help="beam width of the search beyond --max-plans plans "
+                        "(default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="router initialisation seed (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
@@ -76,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
     from routelab._checks import check_number
     from routelab._runs import RunLayout, check_out, claim_out
     from routelab.data.corpus import DataError
-    from routelab.inference.retrofit import feasible_plans, max_runs, retrofit, save_routers
+    from routelab.inference.retrofit import retrofit, save_routers
     from routelab.inference.windows import text_windows
 
     for name in ("seq_len", "prompt_len", "train_windows", "val_windows", "pool_windows", "hidden", "steps",
-                 "max_plans", "batch_size", "threads"):
+                 "max_plans", "beam", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return fail("retrofit", f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
@@ -111,10 +113,6 @@ def run(args: argparse.Namespace) -> int:
                     "measured on the tokens after the prompt)")
     if args.pool_windows > prompt_len:
         return fail("retrofit", f"--pool-windows {args.pool_windows} must be <= --prompt-len {prompt_len}")
-    n_plans = len(feasible_plans(cfg.n_layers, max_runs(args.budget, cfg.n_layers)))
-    if n_plans > args.max_plans:
-        return fail("retrofit", f"--budget {args.budget} with {cfg.n_layers} blocks allows {n_plans} plans, more "
-                    f"than --max-plans {args.max_plans}; lower --budget or raise --max-plans")
     torch.set_num_threads(args.threads)
     try:
         domains = text_windows(args.data, tokenizer, seq_len=seq_len,
@@ -130,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             model, train_ids, val_ids, budget=args.budget, prompt_len=prompt_len, pool_windows=args.pool_windows,
             hidden=args.hidden, gamma=args.gamma, class_balance=not args.no_class_balance, steps=args.steps, lr=args.lr,
             batch_size=args.batch_size,
-            seed=args.seed, max_plans=args.max_plans, log=print,
+            seed=args.seed, max_plans=args.max_plans, beam=args.beam, log=print,
         )
     except ValueError as exc:  # a model retrofit cannot execute (a stateful router, depth options)
         return fail("retrofit", exc)
@@ -179,10 +177,12 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
     n = report["n_layers"]
     rows = report["rows"]
+    searched = (f"all {report['plans_searched']} plans searched" if report["search"] == "exhaustive"
+                else f"plans found by a {report['search']} search (see inference/retrofit.py)")
     lines = [
         f"# routelab retrofit {report['model']}", "",
         (f"Budget {report['budget']}: a plan runs at most {report['max_block_runs']} of {n} block runs (a repeat "
-        f"counts 2); {report['plans_searched']} plans searched exhaustively. {report['train_windows']} training and "
+        f"counts 2); {searched}. {report['train_windows']} training and "
         f"{report['val_windows']} validation windows of {report['seq_len']} tokens; the routers read the first "
         f"{report['prompt_len']} tokens (mean-pooled over {report['routers']['pool_windows']} windows) and every loss "
         f"is measured on the {report['continuation_tokens_per_window']} tokens after them."), "",

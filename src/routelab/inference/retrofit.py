@@ -26,14 +26,17 @@ What is reconstructed here, and where it departs (decisions for a small LM on CP
   the prompt's hidden states at block ℓ depend only on the prompt and the actions already taken: a router never
   sees the tokens it is judged on. (Routers of the base model that look at other tokens of the batch — the
   non-causal ones, e.g. expert choice — break this, as they do for the plain model.)
-- **Budget and search** (`plan_losses`, `search_plans`): a plan is feasible when its block runs are at most
-  `floor(budget · N)`; budget in (0, 2] (1.0: no more runs than the full model, spent on any mix of skips and
-  repeats). The search is exact: every feasible plan's continuation loss for every window, by a depth-first walk
-  over the tree of plan prefixes (sequences share each prefix's hidden states, and a repeat reuses the execute's
-  output), so the per-window optimum is the true argmin (ties go to fewer block runs). Dr.LLM searches with a
-  length-aware MCTS because 3^N plans of a 30-layer LLM cannot be enumerated; for the small models routelab trains
-  (N ≤ 6 by default, `max_plans`) enumeration is affordable and needs no search hyper-parameters. A larger N is
-  refused with an error rather than searched approximately.
+- **Budget and search** (`plan_losses`, `search_plans`, `beam_search_plans`): a plan is feasible when its block
+  runs are at most `floor(budget · N)`; budget in (0, 2] (1.0: no more runs than the full model, spent on any mix of
+  skips and repeats). Up to `max_plans` feasible plans (default 3^6, every budget for N ≤ 6) the search is exact:
+  every feasible plan's continuation loss for every window, by a depth-first walk over the tree of plan prefixes
+  (sequences share each prefix's hidden states, and a repeat reuses the execute's output), so the per-window
+  optimum is the true argmin (ties go to fewer block runs). Beyond that, a beam search per window: each partial
+  plan is scored by the exact loss of one completion (execute the later blocks in order while the budget lasts),
+  the `beam` best go on, and the best complete plan scored on the way is kept. Dr.LLM searches with a length-aware
+  MCTS because 3^N plans of a 30-layer LLM cannot be enumerated; enumeration needs no search hyper-parameters and
+  routelab's presets have 2–4 layers, and the beam search is deterministic where MCTS is not. Not reconstructed:
+  MCTS itself, and Dr.LLM's reward of accuracy on a downstream task (here: LM loss on the continuation).
 - **Routers** (`LayerRouters`): per block a bottleneck MLP D → h → 3 (GELU), applied to each of W window means of
   the prompt's hidden states at the block's input (the first W·⌊P/W⌋ prompt positions cut into W equal windows, as
   Dr.LLM's windowed mean pooling), logits averaged over the windows, argmax. Departure: each window mean is
@@ -69,6 +72,7 @@ __all__ = [
     "ACTIONS",
     "LayerRouters",
     "RouterConfig",
+    "beam_search_plans",
     "class_weights",
     "feasible_plans",
     "focal_loss",
@@ -134,12 +138,14 @@ class PlanRun:
     expert_units: float
 
 
-def _execute(model: nn.Module, ids_BL: Tensor, choose: Chooser) -> PlanRun:
-    x_BLD = model.embed(ids_BL)
+def _execute(model: nn.Module, ids_BL: Tensor, choose: Chooser, *, start: int = 0, x_BLD: Tensor | None = None
+             ) -> PlanRun:
+    """Blocks start..n-1 under `choose`, from the embeddings (start 0) or from `x_BLD` at block `start`'s input."""
+    x_BLD = model.embed(ids_BL) if x_BLD is None else x_BLD
     B, n = ids_BL.shape[0], len(model.blocks)
     runs_BN = torch.zeros(B, n, dtype=torch.long)
     units = 0.0
-    for i in range(n):
+    for i in range(start, n):
         runs_B = choose(i, x_BLD).to(torch.long).reshape(B)
         if bool(((runs_B < 0) | (runs_B > 2)).any()):
             raise ValueError(f"block {i}: runs must be 0 (skip), 1 (execute) or 2 (repeat), got {runs_B.tolist()}")
@@ -254,6 +260,67 @@ def search_plans(plans: list[tuple[int, ...]], losses_NQ: Tensor) -> Tensor:
     runs, so a tie goes to the plan with fewer block runs)."""
     best = losses_NQ.argmin(dim=1)
     return torch.tensor(plans, dtype=torch.long)[best]
+
+
+def _fill(prefix: tuple[int, ...], n: int, cap: int) -> tuple[int, ...]:
+    """`prefix` completed by executing each later block once while the budget lasts, then skipping."""
+    plan, left = list(prefix), cap - sum(prefix)
+    for _ in range(n - len(prefix)):
+        plan.append(1 if left > 0 else 0)
+        left -= plan[-1]
+    return tuple(plan)
+
+
+@torch.no_grad()
+def beam_search_plans(
+    model: nn.Module, ids_NL: Tensor, *, prompt_len: int, budget: float, beam: int = 4, batch_size: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """(plans [N_windows, n_layers], losses [N_windows]): for models too deep to enumerate, a beam search per window.
+
+    Block by block, every partial plan in a window's beam is extended by skip / execute / repeat (within the budget);
+    each extension is scored by the exact continuation loss of one complete plan, itself completed by executing the
+    later blocks once while the budget lasts (`_fill`); the `beam` best extensions (ties: fewer block runs) go on.
+    Returned is the best complete plan scored anywhere on the way (so never worse than the greedy fill). With a beam
+    as wide as the tree, every plan is scored at the last block and the result is the exhaustive search's."""
+    _check_model(model)
+    n = len(model.blocks)
+    _check_windows(ids_NL, prompt_len)
+    check_int("beam", beam, 1)
+    cap = max_runs(budget, n)
+    was_training = model.training
+    model.eval()
+    plans_NN = torch.empty(ids_NL.shape[0], n, dtype=torch.long)
+    losses_N = torch.empty(ids_NL.shape[0], dtype=torch.float64)
+    try:
+        for start in range(0, ids_NL.shape[0], batch_size):
+            ids_BL = ids_NL[start : start + batch_size]
+            B = ids_BL.shape[0]
+            x_SLD, owner, prefixes = model.embed(ids_BL), list(range(B)), [() for _ in range(B)]
+            best: list[tuple[float, int, tuple[int, ...]]] = [(math.inf, 0, ())] * B
+            for depth in range(n):
+                owner_ids = ids_BL[owner]
+                x1_SLD, _ = _run_block(model, depth, x_SLD, owner_ids)
+                x2_SLD, _ = _run_block(model, depth, x1_SLD, owner_ids)  # repeat = execute, then once more
+                kids = [(s, a) for s, p in enumerate(prefixes) for a in range(3) if sum(p) + a <= cap]
+                x_CLD = torch.stack((x_SLD, x1_SLD, x2_SLD))[[a for _, a in kids], [s for s, _ in kids]]
+                kid_prefix = [prefixes[s] + (a,) for s, a in kids]
+                kid_owner = [owner[s] for s, _ in kids]
+                full_CN = torch.tensor([_fill(p, n, cap) for p in kid_prefix], dtype=torch.long)
+                ids_CL = ids_BL[kid_owner]
+                done = _execute(model, ids_CL, lambda i, _x, f=full_CN: f[:, i], start=depth + 1, x_BLD=x_CLD)
+                loss_C = _continuation_loss_B(model, done.x_BLD, ids_CL, prompt_len).double().tolist()
+                ranked: dict[int, list[tuple[float, int, int]]] = {}
+                for c, (w, loss) in enumerate(zip(kid_owner, loss_C)):
+                    key = (loss, int(full_CN[c].sum()), tuple(full_CN[c].tolist()))
+                    best[w] = min(best[w], key)
+                    ranked.setdefault(w, []).append((loss, sum(kid_prefix[c]), c))
+                keep = [c for w in range(B) for _, _, c in sorted(ranked[w])[:beam]]
+                x_SLD, owner, prefixes = x_CLD[keep], [kid_owner[c] for c in keep], [kid_prefix[c] for c in keep]
+            plans_NN[start : start + B] = torch.tensor([b[2] for b in best], dtype=torch.long)
+            losses_N[start : start + B] = torch.tensor([b[0] for b in best], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    return plans_NN, losses_N
 
 
 def _check_windows(ids_NL: Tensor, prompt_len: int) -> None:
@@ -427,10 +494,14 @@ def _evaluate(model: nn.Module, ids_NL: Tensor, prompt_len: int, batch_size: int
 def retrofit(
     model: nn.Module, train_ids: Tensor, val_ids: Tensor, *, budget: float, prompt_len: int, pool_windows: int = 4,
     hidden: int | None = None, gamma: float = 2.0, class_balance: bool = True, steps: int = 100, lr: float = 3e-3,
-    batch_size: int = 16,
-    seed: int = 0, max_plans: int = MAX_PLANS, log: Callable[[str], None] | None = None,
+    batch_size: int = 16, seed: int = 0, max_plans: int = MAX_PLANS, beam: int = 4,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[LayerRouters, dict[str, Any]]:
     """Search plans on `train_ids` windows, train routers on them, and evaluate on `val_ids` windows.
+
+    The search is exhaustive (`plan_losses`) when the budget allows at most `max_plans` plans, else a beam search of
+    width `beam` (`beam_search_plans`); the best static plan is then the best, on the training windows, of the 16
+    plans the search chose most often and the budget's fill plan (execute blocks in order while the budget lasts).
 
     Returns (routers, report): validation loss and perplexity of the full model, the per-window searched plans (the
     oracle), the routers' plans, and the best static plan under the budget (chosen on the training windows), each
@@ -445,20 +516,24 @@ def retrofit(
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     check_int("batch_size", batch_size, 1)
+    check_int("max_plans", max_plans, 1)
+    check_int("beam", beam, 1)
     config = RouterConfig(d_model=D, n_layers=n, hidden=hidden if hidden is not None else max(4, D // 4),
                           pool_windows=pool_windows, prompt_len=prompt_len, budget=budget)
     config.validate()
     cap = max_runs(budget, n)
-    n_plans = len(feasible_plans(n, cap))
-    if n_plans > max_plans:
-        raise ValueError(f"budget={budget} with {n} blocks allows {n_plans} plans, more than max_plans={max_plans} for "
-                         f"the exhaustive search; lower the budget or raise max_plans")
+    n_plans = len(feasible_plans(n, cap)) if 3**n <= 1 << 20 else math.inf  # beyond that: beam search regardless
+    exhaustive = n_plans <= max_plans
     was_training = model.training
     model.eval()
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     timings: dict[str, float] = {}
+
+    def fixed(plans_NN: Tensor):
+        return lambda ids_BL, s: _execute(model, ids_BL, lambda i, x: plans_NN[s : s + ids_BL.shape[0], i])
+
     try:
         # the retrofitted execution must reproduce the model: the all-ones plan against the model's own forward
         probe = val_ids[: min(batch_size, val_ids.shape[0])]
@@ -467,14 +542,32 @@ def retrofit(
                 raise ValueError("this model's forward is not the plain block stack retrofit executes (the all-ones plan "
                                  "differs from model(ids)); retrofit supports MoETransformerLM models without depth options")
         t0 = time.perf_counter()
-        log(f"search: {n_plans} plans (≤ {cap} block runs of {n}) × {train_ids.shape[0]} training windows")
-        plans, train_losses = plan_losses(model, train_ids, prompt_len=prompt_len, budget=budget,
-                                          batch_size=batch_size, max_plans=max_plans)
-        train_best = search_plans(plans, train_losses)
-        log(f"search: {val_ids.shape[0]} validation windows")
-        _, val_losses = plan_losses(model, val_ids, prompt_len=prompt_len, budget=budget, batch_size=batch_size,
-                                    max_plans=max_plans)
-        val_best = search_plans(plans, val_losses)
+        if exhaustive:
+            log(f"search: all {n_plans} plans (≤ {cap} block runs of {n}) × {train_ids.shape[0]} training windows")
+            plans, train_losses = plan_losses(model, train_ids, prompt_len=prompt_len, budget=budget,
+                                              batch_size=batch_size, max_plans=max_plans)
+            train_best, train_best_loss = search_plans(plans, train_losses), train_losses.min(1).values
+            log(f"search: {val_ids.shape[0]} validation windows")
+            _, val_losses = plan_losses(model, val_ids, prompt_len=prompt_len, budget=budget, batch_size=batch_size,
+                                        max_plans=max_plans)
+            val_best = search_plans(plans, val_losses)
+            static_means = train_losses.mean(0)
+            candidates = plans
+        else:
+            log(f"search: beam of {beam} over {n} blocks (≤ {cap} block runs) × {train_ids.shape[0]} training windows")
+            train_best, train_best_loss = beam_search_plans(model, train_ids, prompt_len=prompt_len, budget=budget,
+                                                            beam=beam, batch_size=batch_size)
+            log(f"search: {val_ids.shape[0]} validation windows")
+            val_best, _ = beam_search_plans(model, val_ids, prompt_len=prompt_len, budget=budget, beam=beam,
+                                            batch_size=batch_size)
+            found, counts = torch.unique(train_best, dim=0, return_counts=True)
+            candidates = sorted({tuple(p) for p in found[counts.argsort(descending=True)[:16]].tolist()}
+                                | {_fill((), n, cap)}, key=lambda p: (sum(p), p))
+            static_means = torch.stack([
+                _evaluate(model, train_ids, prompt_len, batch_size,
+                          fixed(torch.tensor(p).expand(train_ids.shape[0], -1)))["loss_N"].mean()
+                for p in candidates])
+        static = torch.tensor(candidates[int(static_means.argmin())], dtype=torch.long)
         timings["search_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -486,12 +579,6 @@ def retrofit(
         timings["train_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        static_q = int(train_losses.mean(0).argmin())
-        static = torch.tensor(plans[static_q], dtype=torch.long)
-
-        def fixed(plans_NN: Tensor):
-            return lambda ids_BL, s: _execute(model, ids_BL, lambda i, x: plans_NN[s : s + ids_BL.shape[0], i])
-
         ones = torch.ones(val_ids.shape[0], n, dtype=torch.long)
         evals = {
             "full": _evaluate(model, val_ids, prompt_len, batch_size, fixed(ones)),
@@ -521,15 +608,16 @@ def retrofit(
             "expert_flops_fraction": ev["expert_units"] / full_units if full_units > 0 else float("nan"),
             "action_shares_by_block": [[float((runs_NN[:, i] == a).double().mean()) for a in range(3)] for i in range(n)],
         }
-    rows["static"]["plan"] = list(plans[static_q])
+    rows["static"]["plan"] = static.tolist()
     rows["routers"]["plan_matches_oracle"] = float((evals["routers"]["runs_NN"] == val_best).all(1).double().mean())
     majority = [float(torch.bincount(val_best[:, i], minlength=3).max()) / val_best.shape[0] for i in range(n)]
     report = {
-        "method": "Dr.LLM-style retrofitted skip/execute/repeat routers (exhaustive plan search)",
+        "method": "Dr.LLM-style retrofitted skip/execute/repeat routers",
+        "search": "exhaustive" if exhaustive else f"beam {beam}",
         "budget": budget,
         "max_block_runs": cap,
         "n_layers": n,
-        "plans_searched": len(plans),
+        "plans_searched": n_plans if exhaustive else None,
         "prompt_len": prompt_len,
         "seq_len": int(val_ids.shape[1]),
         "continuation_tokens_per_window": int(val_ids.shape[1] - prompt_len),
@@ -547,9 +635,8 @@ def retrofit(
         "router_train_accuracy_by_block": [float((train_predicted[:, i] == train_best[:, i]).double().mean())
                                            for i in range(n)],
         "majority_accuracy_by_block": majority,
-        "oracle_train_loss": float(train_losses.min(1).values.mean()),
-        "static_train_loss": float(train_losses.mean(0).min()),
-        "full_train_loss": float(train_losses[:, plans.index(tuple([1] * n))].mean()) if sum([1] * n) <= cap else None,
+        "oracle_train_loss": float(train_best_loss.mean()),
+        "static_train_loss": float(static_means.min()),
         "timings_s": timings,
     }
     return routers, report
