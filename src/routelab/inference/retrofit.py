@@ -167,7 +167,7 @@ def _execute(model: nn.Module, ids_BL: Tensor, choose: Chooser, *, start: int = 
 def run_plans(model: nn.Module, ids_BL: Tensor, plans: Tensor | list | tuple) -> tuple[Tensor, PlanRun]:
     """Logits [B, L, V] of `model` with block i of sequence b run `plans[b][i]` times (0 skip, 1 execute, 2 repeat).
 
-    plans: one plan for every sequence (N counts) or one per sequence ([B, N]). The plan of all ones gives exactly
+    plans: one plan for every sequence (n_layers counts) or one per sequence ([B, n_layers]). The plan of all ones gives exactly
     `model(ids_BL)[0]`. Returns (logits, PlanRun)."""
     _check_model(model)
     plans_BN = _plans_tensor(plans, ids_BL.shape[0], len(model.blocks))
@@ -180,8 +180,9 @@ def _plans_tensor(plans: Tensor | list | tuple, B: int, n: int) -> Tensor:
     if p.dim() == 1:
         p = p.expand(B, -1)
     if p.shape != (B, n) or bool(((p < 0) | (p > 2)).any()):
+        values = f" with values {int(p.min())}..{int(p.max())}" if p.numel() else ""
         raise ValueError(f"plans must hold {n} block-run counts in {{0, 1, 2}} (one plan, or one per sequence: "
-                         f"[{B}, {n}]), got shape {tuple(p.shape)}")
+                         f"[{B}, {n}]), got shape {tuple(p.shape)}{values}")
     return p
 
 
