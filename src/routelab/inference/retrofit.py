@@ -78,6 +78,7 @@ __all__ = [
     "focal_loss",
     "load_routers",
     "plan_losses",
+    "prompt_features",
     "retrofit",
     "route",
     "run_plans",
