@@ -233,3 +233,15 @@ def test_a_training_forward_without_a_step_is_refused():
     with pytest.raises(ValueError, match="RoutingContext.available was given, but router 'expert_choice'"):
         layer = routelab.MoELayer(D, F_, routelab.create_router("expert_choice", d_model=D, num_experts=N))
         layer(torch.randn(5, D), RoutingContext(available=torch.ones(N, dtype=torch.bool)))
+
+
+def test_every_chain_of_experts_iteration_follows_the_schedule():
+    model = _tiny(chain_iterations=2, reuse_schedule={"start": 3, "end": 9}).train()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    model(ids, ids, step=3)
+    for layer, own in zip(model.moe_layers, [(0, 4), (4, 8), (8, 12)]):
+        experts = layer.last_decision.expert_index  # both iterations' assignments
+        assert experts.numel() == 2 * 14 * 2 and bool(((experts >= own[0]) & (experts < own[1])).all())
+    model(ids, ids, step=10)
+    assert any(bool(((layer.last_decision.expert_index < 4 * j) | (layer.last_decision.expert_index >= 4 * j + 4))
+                    .any()) for j, layer in enumerate(model.moe_layers))
