@@ -245,3 +245,35 @@ def test_every_chain_of_experts_iteration_follows_the_schedule():
     model(ids, ids, step=10)
     assert any(bool(((layer.last_decision.expert_index < 4 * j) | (layer.last_decision.expert_index >= 4 * j + 4))
                     .any()) for j, layer in enumerate(model.moe_layers))
+
+
+@pytest.mark.parametrize("options", [
+    dict(k=2), dict(k=2, score="sigmoid"), dict(k=1, capacity_factor=1.0), dict(k=3, capacity_factor=1.0,
+                                                                                drop_policy="position"),
+    dict(k=2, aux_loss_form="per_slot", z_loss_coef=1e-2, router_bias=True),
+], ids=["softmax", "sigmoid", "capacity", "capacity-position", "per-slot-z-bias"])
+def test_topk_restricted_to_available_experts_equals_a_router_over_those_experts_only(options):
+    torch.manual_seed(6)
+    full = routelab.create_router("topk", d_model=D, num_experts=12, **options).double().train()
+    idx = [0, 2, 3, 7, 9, 11]
+    small = routelab.create_router("topk", d_model=D, num_experts=len(idx), **options).double().train()
+    with torch.no_grad():
+        small.gate.weight.copy_(full.gate.weight[idx])
+        if full.gate.bias is not None:
+            full.gate.bias.normal_()
+            small.gate.bias.copy_(full.gate.bias[idx])
+    available = torch.zeros(12, dtype=torch.bool)
+    available[idx] = True
+    x = torch.randn(16, D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    got, want = full(x, RoutingContext(available=available)), small(x)
+    as_full = torch.tensor(idx)[want.expert_index]
+    assert torch.equal(got.token_index, want.token_index) and torch.equal(got.expert_index, as_full)
+    torch.testing.assert_close(got.weight, want.weight)
+    assert got.num_dropped == want.num_dropped and set(got.aux_losses) == set(want.aux_losses)
+    assert ("capacity_factor" in options) == (got.num_dropped > 0)  # capacity counts the 6 available, not 12
+    for key in want.aux_losses:
+        torch.testing.assert_close(got.aux_losses[key], want.aux_losses[key])
+    g_full = torch.autograd.grad(got.weight.sum() + sum(got.aux_losses.values()), full.gate.weight)[0]
+    g_small = torch.autograd.grad(want.weight.sum() + sum(want.aux_losses.values()), small.gate.weight)[0]
+    torch.testing.assert_close(g_full[idx], g_small)
+    assert g_full[~available].abs().max() == 0

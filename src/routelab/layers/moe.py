@@ -38,9 +38,9 @@ class MoELayer(nn.Module):
     erc_alpha:       the ERC loss's α (default 1.0).
     check_finite:    raise a FloatingPointError when the input holds NaN or inf, before routing on it (off by default:
                      it costs a pass over the input and a host sync; turn it on to find where NaNs start).
-    candidate_schedule: a `ProgressiveScaling` (ReXMoE, experts/reused.py), or None: training-mode forwards let the
-                     router choose only the candidates available at `ctx.step` (`RoutingContext.available`), which
-                     they then need; eval-mode forwards choose among all. The router must support it
+    candidate_schedule: a `ProgressiveScaling` (ReXMoE, experts/reused.py), or None. With one, training-mode
+                     forwards need `ctx.step` and let the router choose only the candidates available at that step
+                     (`RoutingContext.available`); eval-mode forwards choose among all. The router must support it
                      (`Router.cannot_restrict`), checked here.
 
     After a forward, `last_decision` holds the routing decision (tensors detached, aux losses with their graph).

@@ -24,6 +24,10 @@ routing); z_loss_coef=0.0; balance="none"; bias_update_rate=1e-3 (γ);
 bip_iters=4; capacity_factor=None (dropless); drop_policy="probs"; jitter=0.0 (training only: x · U(1-ε, 1+ε));
 router_bias=False (a learned bias on the logits, as in GPT-OSS).
 
+With `RoutingContext.available` (ReXMoE's progressive scaling routing, experts/reused.py) the unavailable experts'
+logits become −inf before scoring (so `router_logits` holds −inf there), and the balance loss and the capacity count
+the available experts only; refused with a balancing bias or groups (`cannot_restrict`).
+
 Presets by options: Switch k=1 (capacity_factor 1.0-1.25, jitter 0.01); Mixtral k=2; Qwen3-MoE k=8 "selected";
 DeepSeek-V3 score="sigmoid", n_group=8, topk_group=4, k=8, scaling=2.5, balance="loss_free".
 
