@@ -10,9 +10,9 @@ from fractions import Fraction
 
 import pytest
 import torch
+from reference import reference_moe, reference_topk
 
 import routelab
-from reference import reference_moe, reference_topk
 from routelab.data import Domain, tokenize_domains
 from routelab.experts.reused import ProgressiveScaling, ReusedExperts
 from routelab.experts.swiglu import SwiGLUExperts
@@ -39,7 +39,7 @@ def test_pool_size_and_available_candidates_follow_the_paper_s_schedule():
     own = torch.zeros(24, dtype=torch.bool)
     own[8:16] = True
     masks = {}
-    for t in range(0, 30):
+    for t in range(30):
         mask = sched.available(t)
         assert mask.dtype == torch.bool and mask.shape == (24,)
         assert int(mask.sum()) == paper_pool_size(t, t_s=10, t_e=30, r=3, n=8)
@@ -248,8 +248,10 @@ def test_every_chain_of_experts_iteration_follows_the_schedule():
 
 
 @pytest.mark.parametrize("options", [
-    dict(k=2), dict(k=2, score="sigmoid"), dict(k=1, capacity_factor=1.0), dict(k=3, capacity_factor=1.0,
-                                                                                drop_policy="position"),
+    dict(k=2),
+    dict(k=2, score="sigmoid"),
+    dict(k=1, capacity_factor=1.0),
+    dict(k=3, capacity_factor=1.0, drop_policy="position"),
     dict(k=2, aux_loss_form="per_slot", z_loss_coef=1e-2, router_bias=True),
 ], ids=["softmax", "sigmoid", "capacity", "capacity-position", "per-slot-z-bias"])
 def test_topk_restricted_to_available_experts_equals_a_router_over_those_experts_only(options):
