@@ -25,6 +25,10 @@ DECODE_MAX_GATHERED = 1 << 22
 # matmul) take `dispatch/grouped_swiglu.py`: no per-expert loop, no host sync. Above it the loop of
 # `routed_swiglu` wins (measured at E=64 and 128, k=8, d=512: the crossover lies between 8 and 16 rows per expert).
 GROUPED_MAX_ROWS_PER_EXPERT = 12
+# Forwards and backwards through the loop kernel with at least this many assignments, with more than one intra-op
+# thread, give each thread whole experts (`routed_swiglu`'s `workers`); below it one thread's share is too small to
+# pay for handing it over.
+SPLIT_MIN_ASSIGNMENTS = 1024
 
 
 class LocalDispatcher(Dispatcher):
@@ -40,6 +44,9 @@ class LocalDispatcher(Dispatcher):
     no per-expert loop, no host sync — while the assignments stay under `DECODE_MAX_ASSIGNMENTS` and the expert
     weights they gather under `DECODE_MAX_GATHERED` elements (benchmarks/decode.py, benchmarks/layer.py measure
     them).
+
+    With more than one intra-op thread, large calls through the loop kernel give each thread whole experts rather
+    than splitting every small per-expert matmul across threads (`workers`; benchmarks/layer.py --threads 1,2).
 
     decode_fast_path: False sends those forwards through the sort-based loop kernel too.
     """
@@ -85,8 +92,18 @@ class LocalDispatcher(Dispatcher):
                                    w_down_EFD)
         plan = make_plan(decision)
         return routed_swiglu(
-            x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E.tolist(), w_gate_up_ED2F, w_down_EFD
+            x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E.tolist(), w_gate_up_ED2F, w_down_EFD,
+            workers=self.workers(decision.num_assignments, x_TD.device),
         )
+
+    def workers(self, num_assignments: int, device: torch.device) -> int:
+        """Threads that each own whole experts in the loop kernel: on the CPU, the intra-op thread count for calls of
+        at least `SPLIT_MIN_ASSIGNMENTS` assignments outside autocast (its state is per thread), else 1."""
+        threads = torch.get_num_threads()
+        small = num_assignments < SPLIT_MIN_ASSIGNMENTS
+        if threads == 1 or small or device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return 1
+        return threads
 
 
 def _grouped_ok(*tensors: Tensor) -> bool:
