@@ -10,7 +10,8 @@ import routelab
 from reference import swiglu_row
 from routelab.dispatch import LocalDispatcher
 from routelab.dispatch.permute import make_plan
-from routelab.dispatch.routed_swiglu import routed_swiglu, split_groups
+from routelab.dispatch.routed_swiglu import routed_swiglu
+from routelab.dispatch.workers import split_groups
 
 DISPATCHER = LocalDispatcher()
 
@@ -186,7 +187,7 @@ def test_split_groups_cuts_the_groups_into_contiguous_runs(sizes, workers):
 def test_dispatcher_gives_threads_whole_experts_and_restores_the_thread_count():
     """With two intra-op threads a training-size call runs on two workers (`LocalDispatcher.workers`); outputs and
     every gradient still equal the fp64 per-assignment loop, and the caller's thread count is what it was."""
-    T, E, k, D, F = 160, 8, 8, 12, 10  # 1280 assignments ≥ SPLIT_MIN_ASSIGNMENTS
+    T, E, k, D, F = 160, 8, 8, 48, 40  # (1280 + 8)·3·48·40 ≥ SPLIT_MIN_WORK
     decision = _random_decision(T, E, k, seed=11)
     bank = _bank(E, D, F, seed=11)
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
@@ -194,10 +195,10 @@ def test_dispatcher_gives_threads_whole_experts_and_restores_the_thread_count():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert DISPATCHER.workers(decision.num_assignments, x.device) == 2
+        assert DISPATCHER.workers(decision.num_assignments, E, D, F, x.device) == 2
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert DISPATCHER.workers(decision.num_assignments, x.device) == 1  # autocast state is per thread
-        assert DISPATCHER.workers(100, x.device) == 1
+            assert DISPATCHER.workers(decision.num_assignments, E, D, F, x.device) == 1  # per-thread state
+        assert DISPATCHER.workers(100, E, D, F, x.device) == 1
         y = DISPATCHER.fused(x, dataclasses.replace(decision, weight=weight), bank)
         grads = torch.autograd.grad(y.square().sum(), [x, weight, bank.w_gate_up, bank.w_down])
         assert torch.get_num_threads() == 2

@@ -13,25 +13,20 @@ is recomputed from h, the gathered rows are gathered again, and the combine-weig
 <act_s, dy_t W_dᵀ> (= <expert output_s, dy_t>) without storing expert outputs. No [S, D] tensor exists in either
 pass. Groups are reduced into y with index_add_, in expert order (deterministic on CPU).
 
-Whole experts per thread (`workers` > 1): with two intra-op threads each small per-expert matmul is split across
-both, and the gathers, scatter-adds and activations of a few hundred rows run on one thread anyway (below ATen's
-parallel grain), so the layer gained less from a second core than a dense MLP does. With `workers` = W the expert
-groups are cut into W contiguous runs of about S/W rows; each run is computed by its own thread with one intra-op
-thread, into its own output buffer (its own dx in backward), and the buffers are summed in a fixed order. Every
-expert's rows stay on one thread, so the parameter gradients and weight gradients are computed exactly as with
-W = 1; y and dx differ only in the order of the per-token sums (rounding).
+Whole experts per thread (`workers` > 1, `dispatch/workers.py`): each run of experts is computed by its own thread
+into its own output buffer (its own dx in backward), and the buffers are summed in a fixed order. Every expert's
+rows stay on one thread, so the expert-weight and combine-weight gradients are computed exactly as with one worker;
+y and dx differ only in the order of the per-token sums (rounding).
 """
 
 from __future__ import annotations
-
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from routelab.dispatch.groups import expert_groups
+from routelab.dispatch.workers import in_parallel, split_groups, summed
 
 
 def routed_swiglu(
@@ -50,52 +45,7 @@ def routed_swiglu(
     tensors = (x_TD, weight_S, w_gate_up_ED2F, w_down_EFD)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return RoutedSwiGLU.apply(x_TD, weight_S, w_gate_up_ED2F, w_down_EFD, token_S, runs)
-    return _summed(_in_parallel(_forward, runs, x_TD, weight_S, w_gate_up_ED2F, w_down_EFD, token_S, None))
-
-
-def split_groups(group_sizes: list[int], workers: int) -> list[list[tuple[int, int, int]]]:
-    """The non-empty (expert, start, end) groups cut into at most `workers` contiguous runs of about equal rows."""
-    groups = list(expert_groups(group_sizes))
-    total = groups[-1][2] if groups else 0
-    runs: list[list[tuple[int, int, int]]] = [[]]
-    for group in groups:
-        if runs[-1] and len(runs) < workers and group[1] >= total * len(runs) / workers:
-            runs.append([])
-        runs[-1].append(group)
-    return runs
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def _in_parallel(fn, runs, *args):
-    """fn(run, *args) for every run, the first on this thread and the others on pool threads, each with one intra-op
-    thread; returns the results in run order."""
-    if len(runs) == 1:
-        return [fn(runs[0], *args)]
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool_size < len(runs) - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool_size = len(runs) - 1
-            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="routelab-experts",
-                                       initializer=torch.set_num_threads, initargs=(1,))
-    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()  # grad mode is per thread: hand it on
-
-    def on_worker(run):
-        with torch.set_grad_enabled(grad):
-            return fn(run, *args)
-
-    futures = [_pool.submit(on_worker, run) for run in runs[1:]]
-    torch.set_num_threads(1)
-    try:  # restored only after every worker is done: MKL's thread count is one setting for the whole process
-        first = fn(runs[0], *args)
-        return [first] + [f.result() for f in futures]
-    finally:
-        torch.set_num_threads(threads)
+    return summed(in_parallel(_forward, runs, x_TD, weight_S, w_gate_up_ED2F, w_down_EFD, token_S, None))
 
 
 def _forward(run, x_TD, weight_S, w_gate_up, w_down, token_S, h_S2F):
@@ -111,20 +61,13 @@ def _forward(run, x_TD, weight_S, w_gate_up, w_down, token_S, h_S2F):
     return y_TD
 
 
-def _summed(parts: list[Tensor | None]) -> Tensor | None:
-    first = parts[0]
-    for part in parts[1:]:
-        first = first.add_(part)
-    return first
-
-
 class RoutedSwiGLU(torch.autograd.Function):
     """Autograd of `routed_swiglu`; saves x (an input, alive anyway), the weights, and h [S, 2F]."""
 
     @staticmethod
     def forward(ctx, x_TD, weight_S, w_gate_up, w_down, token_S, runs):
         h_S2F = x_TD.new_empty(token_S.shape[0], w_gate_up.shape[2])
-        y_TD = _summed(_in_parallel(_forward, runs, x_TD, weight_S, w_gate_up, w_down, token_S, h_S2F))
+        y_TD = summed(in_parallel(_forward, runs, x_TD, weight_S, w_gate_up, w_down, token_S, h_S2F))
         ctx.save_for_backward(x_TD, weight_S, w_gate_up, w_down, token_S, h_S2F)
         ctx.runs = runs
         return y_TD
@@ -136,9 +79,9 @@ class RoutedSwiGLU(torch.autograd.Function):
         dweight_S = torch.zeros_like(weight_S) if need[1] else None
         dgate_up = torch.zeros_like(w_gate_up) if need[2] else None
         ddown = torch.zeros_like(w_down) if need[3] else None
-        dx_parts = _in_parallel(_backward, ctx.runs, dy_TD.contiguous(), x_TD, weight_S, w_gate_up, w_down, token_S,
+        dx_parts = in_parallel(_backward, ctx.runs, dy_TD.contiguous(), x_TD, weight_S, w_gate_up, w_down, token_S,
                                 h_S2F, need, dweight_S, dgate_up, ddown)
-        return _summed(dx_parts) if need[0] else None, dweight_S, dgate_up, ddown, None, None
+        return summed(dx_parts) if need[0] else None, dweight_S, dgate_up, ddown, None, None
 
 
 def _backward(run, dy_TD, x_TD, weight_S, w_gate_up, w_down, token_S, h_S2F, need, dweight_S, dgate_up, ddown):
