@@ -18,6 +18,7 @@ COMMANDS = (
     "sweep",
     "trace",
     "cache-sim",
+    "retrofit",
     "query-eval",
     "serve",
     "routers",
