@@ -286,6 +286,14 @@ def test_flops_columns_equal_a_hand_count():
     hand = 2 * (4 * D * D + 3 * D * dense + p * (4 * D * D + 2 * 3 * D * dff + 3 * D * shared * dff))
     reference = 2 * (4 * D * D + 3 * D * dense + 4 * D * D + 2 * 3 * D * dff + 3 * D * shared * dff)
     assert final["processed_fraction_by_block"] == pytest.approx([1.0, p])
+    # the predictor's agreement with top-C membership (C = ⌈0.3 · 9⌉ = 3 of each row), counted by hand
+    got = {}
+    hook = model.blocks[1].mod.register_forward_pre_hook(_grab(got, "x"))
+    model(ids)
+    hook.remove()
+    r = (got["x"] @ model.blocks[1].mod.router.weight[0]).tolist()
+    member = torch.tensor([[t in sorted(range(9), key=lambda u: -row[u])[:3] for t in range(9)] for row in r])
+    assert final["mod_predictor_accuracy"] == pytest.approx([(member == chosen).double().mean().item()])
     assert final["active_expert_flops_by_layer"] == pytest.approx([2 * p])  # skipped tokens spend no expert
     assert final["block_flops_per_token"] == pytest.approx(hand)
     fields = block_flops_fields(final, model.config, 2)
@@ -339,3 +347,26 @@ def test_routers_that_hand_on_state_declare_it(name, options):
     _, decision = layer.forward_with_decision(torch.randn(2, 5, layer.d_model), make_ctx(2, 5))
     if decision.state is not None:
         assert router_class(name).hands_on_state
+
+
+def test_compare_with_a_mod_variant_end_to_end_and_its_model_generates(tmp_path, capsys):
+    import json
+
+    from routelab.cli import main
+
+    out = tmp_path / "c"
+    assert main(["compare", "--preset", "depth", "--routers", "topk,mod", "--steps", "3", "--seeds", "1",
+                 "--quiet", "--out", str(out)]) == 0
+    topk, mod = json.loads((out / "results.json").read_text())["variants"]
+    assert topk["active_block_flops_vs_topk"] == pytest.approx(1.0) and topk["mod_predictor_accuracy"] == []
+    p = mod["processed_fraction_by_block"][1]
+    assert mod["processed_fraction_by_block"][0] == 1.0 and 0 <= p <= 1
+    # depth preset: d_model 64, d_ff 128, two MoE blocks, top-2: block 1 runs for the fraction p of the tokens
+    assert mod["active_block_flops_vs_topk"] == pytest.approx((1 + p) / 2)
+    assert mod["causal_eval"] and not mod["causal_train"]
+    report = (out / "report.md").read_text()
+    assert "block FLOPs vs top-k" in report and "Mixture-of-Depths blocks" in report
+    capsys.readouterr()
+    assert main(["generate", str(out / "variants" / "mod" / "model"), "--prompt", "def f(x):", "--prompt", "The",
+                 "--max-new-tokens", "4"]) == 0
+    assert "prompt 2" in capsys.readouterr().out

@@ -144,6 +144,7 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
             "The other columns are means over seeds; plots of loads and curves show the first seed. Router compute "
             "is not in the FLOPs columns.",
         ]
+    lines += mod_section(ok, m)
     if len(summary["data"]["domains"]) > 1 and ok:
         names = [d["name"] for d in summary["data"]["domains"]]
         lines += ["", "Validation loss per domain:", "",
@@ -169,6 +170,34 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
               f"Total wall time {summary['wall_seconds']:.0f} s (data and tokenizer {summary['setup_seconds']:.1f} s). "
               "The exact configuration is in `config.yaml`; every number and curve in `results.json`.", ""]
     return "\n".join(lines)
+
+
+def mod_section(variants: list[dict[str, Any]], model: dict[str, Any]) -> list[str]:
+    """Report lines for the variants with Mixture-of-Depths blocks: per routed block and seed, the share of
+    validation tokens the causal predictor let through and how often it agreed with top-C membership."""
+    rows = []
+    for v in variants:
+        runs = v.get("runs") or [v]
+        capacity = {**model, **(v.get("model") or {})}.get("mod_capacity")
+        if capacity is None or not runs[0].get("mod_predictor_accuracy"):
+            continue
+        processed = [r["processed_fraction_by_block"] for r in runs]
+        for n, i in enumerate(_routed_blocks(v, model)):
+            rows.append(f"| {v['name']} | {i} | {capacity} | " + ", ".join(_f(p[i], 2) for p in processed)
+                        + " | " + ", ".join(_f(r["mod_predictor_accuracy"][n], 2) for r in runs) + " |")
+    if not rows:
+        return []
+    return ["", "Mixture-of-Depths blocks: in training each routed block processes the top ⌈capacity·L⌉ tokens of "
+            "every sequence; in evaluation (as in generation) a causal predictor decides per token. Per seed: the "
+            "share of validation tokens it let through, and how often it agreed with top-C membership.", "",
+            "| variant | block | capacity (training) | processed in evaluation | predictor agrees with top-C |",
+            "|---|---:|---:|---|---|"] + rows
+
+
+def _routed_blocks(v: dict[str, Any], model: dict[str, Any]) -> list[int]:
+    fields = {**model, **(v.get("model") or {})}
+    every = fields.get("mod_every", 2)
+    return [i for i in range(fields["n_layers"]) if (i + 1) % every == 0]
 
 
 def diffusion_section(variants: list[dict[str, Any]], reference_k: int) -> list[str]:

@@ -417,11 +417,13 @@ def run_diffusion_variant(
 
 def block_flops_fields(final: dict[str, Any], mc: ModelConfig, reference_k: int) -> dict[str, Any]:
     """Block FLOPs per token actually spent (attention projections and feed-forward of the blocks a token ran,
-    routed experts by width and repeat; `models.flops`) ÷ top-k's reference, and the share of tokens each block
-    processed (below 1 only on Mixture-of-Depths blocks)."""
+    routed experts by width and repeat; `models.flops`) ÷ top-k's reference, the share of tokens each block
+    processed (below 1 only on Mixture-of-Depths blocks) and each Mixture-of-Depths predictor's agreement with
+    top-C membership on the validation set."""
     return {
         "active_block_flops_vs_topk": final["block_flops_per_token"] / reference_block_flops_per_token(mc, reference_k),
         "processed_fraction_by_block": final["processed_fraction_by_block"],
+        "mod_predictor_accuracy": final["mod_predictor_accuracy"],
     }
 
 

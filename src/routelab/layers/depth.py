@@ -58,8 +58,10 @@ class MixtureOfDepths(nn.Module):
           sequence at the original positions;
       eval (predictor): run(x_BLD, None, run_BL): all rows; the block must hide the rows where run_BL is False
           (no attention key, not routed), whose output is discarded here.
-    After a forward: `last_processed` / `last_tokens` count the (real) tokens that ran the block / were seen, and
-    `last_aux_losses` holds the predictor's BCE loss (weight 1) (training only; empty otherwise).
+    After a forward: `last_processed` / `last_tokens` count the (real) tokens that ran the block / were seen,
+    `last_agreement` the tokens on which the predictor agrees with top-C membership (None in decoding, where top-C
+    over a sequence is not defined), and `last_aux_losses` holds the predictor's BCE loss, weight 1 (training only;
+    empty otherwise).
     """
 
     def __init__(self, d_model: int, *, capacity: float) -> None:
@@ -71,6 +73,7 @@ class MixtureOfDepths(nn.Module):
         self.predictor = nn.Sequential(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         nn.init.normal_(self.router.weight, std=0.02)
         self.last_processed, self.last_tokens = 0, 0
+        self.last_agreement: int | None = None
         self.last_aux_losses: dict[str, Tensor] = {}
 
     def scores(self, x_BLD: Tensor) -> Tensor:
@@ -96,14 +99,21 @@ class MixtureOfDepths(nn.Module):
             x_BCD = x_BLD.gather(1, index_BCD)
             update_BCD = (run(x_BCD, index_BC, None) - x_BCD) * torch.sigmoid(r_BL.gather(1, index_BC))[..., None]
             member_BL = torch.zeros_like(r_BL).scatter(1, index_BC, 1.0)
-            bce = F.binary_cross_entropy_with_logits(self.predictor_logits(x_BLD), member_BL)
+            predicted_BL = self.predictor_logits(x_BLD)
+            bce = F.binary_cross_entropy_with_logits(predicted_BL, member_BL)
             self.last_aux_losses = {"mod_predictor": bce}
+            self.last_agreement = int(((predicted_BL.detach() > 0) == member_BL.bool()).sum())
             self.last_processed, self.last_tokens = B * C, B * L
             return x_BLD.scatter_add(1, index_BCD, update_BCD)
         run_BL = self.predictor_logits(x_BLD) > 0
         if real_BL is not None:
             run_BL = run_BL & real_BL
         self.last_aux_losses = {}
+        self.last_agreement = None
+        if real_BL is None:  # whole sequences: how often the predictor agrees with the top-C training would take
+            top_BC = r_BL.detach().topk(capacity_tokens(self.capacity, L), dim=1).indices
+            member_BL = torch.zeros_like(run_BL).scatter(1, top_BC, True)
+            self.last_agreement = int((member_BL == run_BL).sum())
         self.last_processed = int(run_BL.sum())
         self.last_tokens = B * L if real_BL is None else int(real_BL.sum())
         update_BLD = (run(x_BLD, None, run_BL) - x_BLD) * torch.sigmoid(r_BL)[..., None]

@@ -299,6 +299,7 @@ class RoutingStats:
         self.mods = [m for m in model.modules() if isinstance(m, MixtureOfDepths)]  # one per routed block, in order
         self.mod_processed = torch.zeros(len(self.mods), dtype=torch.float64)
         self.mod_tokens = torch.zeros(len(self.mods), dtype=torch.float64)
+        self.mod_agreement = torch.zeros(len(self.mods), dtype=torch.float64)
         self.layers = model.moe_layers
         E = self.layers[0].router.num_experts if self.layers else model.config.num_experts  # ReXMoE routes over more
         n_layers = len(self.layers)
@@ -320,6 +321,7 @@ class RoutingStats:
         for j, mod in enumerate(self.mods):
             self.mod_processed[j] += mod.last_processed
             self.mod_tokens[j] += mod.last_tokens
+            self.mod_agreement[j] += math.nan if mod.last_agreement is None else mod.last_agreement
         for j, layer in enumerate(self.layers):
             dec = layer.last_decision
             lj = dec.expert_load().double()
@@ -347,6 +349,8 @@ class RoutingStats:
             "experts_per_token_by_layer": (self.assignments / self.routed_tokens).tolist(),
             "active_expert_flops_by_layer": units,
             "processed_fraction_by_block": processed_by_block,
+            # per Mixture-of-Depths block: how often its causal predictor agreed with top-C membership
+            "mod_predictor_accuracy": (self.mod_agreement / self.mod_tokens).tolist(),
             "block_flops_per_token": block_flops_per_token(self.config, processed_by_block=processed_by_block,
                                                            expert_units_by_moe_layer=units),
             "experts_per_token_histogram": {str(k): v for k, v in sorted(self.ept_hist.items())},
