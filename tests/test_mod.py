@@ -11,16 +11,17 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
-
-import routelab
 from reference import reference_moe, reference_topk
 from zoo_cases import CASES, IDS, make_ctx, make_layer
+
+import routelab
 from routelab.models.decoding import generate
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 from routelab.routing.registry import router_class
 from routelab.train.loop import evaluate
 
-BASE = dict(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=12, num_experts=4, router_options={"k": 2})
+BASE = {"vocab_size": 40, "d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 12, "num_experts": 4,
+        "router_options": {"k": 2}}
 
 
 def _model(seed: int = 0, **kw) -> MoETransformerLM:

@@ -66,10 +66,9 @@ class DecodeCache:
         """Record which of this call's L tokens run block `layer` (run_BL, False for padding) and return that
         block's attention mask [B, 1, L, S]: a query sees the earlier (or same-call, causally) slots whose token ran
         the block, and itself (so a skipped query has a non-empty softmax; its output is discarded)."""
-        B, L = run_BL.shape
         done_BS = self.processed.get(layer)
         if done_BS is None:
-            done_BS = self.processed[layer] = torch.zeros(B, self.capacity, dtype=torch.bool, device=run_BL.device)
+            done_BS = self.processed[layer] = torch.zeros(self.batch_size, self.capacity, dtype=torch.bool, device=run_BL.device)
         done_BS[:, self._start : self.length] = run_BL & self.real_BS[:, self._start : self.length]
         S = self.length
         slot_S = torch.arange(S, device=run_BL.device)

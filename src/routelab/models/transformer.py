@@ -14,12 +14,18 @@ decision handed on, so every registered router works here without special cases.
 Incremental decoding: `forward(ids, cache=model.new_cache(B, capacity))` runs the next tokens of B cached sequences
 (`kv_cache.DecodeCache`: attention keys/values per block, a `RouterCache` per MoE layer in the routing context, so a
 router that reads earlier tokens finds them there). Only causal routers decode; `models.decoding.generate` drives it.
+
+Mixture-of-Depths (`mod_capacity`, layers/depth.py): on a routed block, `Block.mod` chooses the tokens that run the
+block and adds their router-weighted update; the block itself runs through the same `_run_block`, on a gathered
+subsequence at its original rotary positions (training) or on every row with the skipped ones masked out of
+attention and routing (eval mode, decoding: the cache records per routed block which slots ran it).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -406,7 +412,9 @@ class MoETransformerLM(nn.Module):
             capacity=capacity,
         )
 
-    def _routed_run(self, block: Block, i: int, kv: _KVStep | None, ctx: RoutingContext | None):
+    def _routed_run(
+        self, block: Block, i: int, kv: _KVStep | None, ctx: RoutingContext | None
+    ) -> Callable[[Tensor, Tensor | None, Tensor | None], Tensor]:
         """Block i as its `MixtureOfDepths` runs it: on the gathered top-C rows at their original rotary positions
         (index_BC, training), or on every row with the skipped ones (run_BL False) hidden from attention and from
         the MoE layer's routing (eval mode and decoding)."""
