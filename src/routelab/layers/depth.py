@@ -51,7 +51,8 @@ def capacity_tokens(capacity: float, seq_len: int) -> int:
 
 class MixtureOfDepths(nn.Module):
     """The token selection of one routed block: `forward(x_BLD, run, real_BL=None) -> x_BLD` with the block's
-    weighted update added on the tokens it processes.
+    weighted update added on the tokens it processes. real_BL (decoding only): False on padding slots, which never
+    run the block; None: x holds whole sequences.
 
     `run(x_BND, index_BC, run_BL)` is the plain block (returns its output, input included) on rows of x:
       training (top-C): run(x gathered [B, C, D], index_BC = their positions in order, None): a shorter causal

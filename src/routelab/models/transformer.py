@@ -454,7 +454,7 @@ class MoETransformerLM(nn.Module):
             raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
         if padding_mask is not None and cache is None:
             raise ValueError("padding_mask needs a decode cache (model.new_cache); training windows have no padding")
-        kv = None
+        kv, real_BL = None, None
         if cache is not None:
             if not self.causal:
                 raise ValueError(
@@ -482,8 +482,7 @@ class MoETransformerLM(nn.Module):
             if block.mod is None:
                 x_BLD, decision = _run_block(block, i, x_BLD, self.rope_cos, self.rope_sin, kv, ctx)
                 state = state if decision is None else decision.state
-            else:
-                real_BL = None if padding_mask is None else ~padding_mask.bool()
+            else:  # real_BL: None without a cache (whole sequences), the cache's real slots when decoding
                 x_BLD = block.mod(x_BLD, self._routed_run(block, i, kv, ctx), real_BL=real_BL)
         logits_BLV = F.linear(self.final_norm(x_BLD), self.embed.weight)
         if targets is None:
