@@ -320,7 +320,8 @@ def test_flops_of_a_model_without_mod_count_every_block():
     ({"mod_capacity": 1.5}, "model.mod_capacity must be null"),
     ({"mod_capacity": "half"}, "model.mod_capacity must be null"),
     ({"mod_capacity": True}, "model.mod_capacity must be null"),
-    ({"mod_capacity": 0.5, "mod_every": 0}, "model.mod_every must be an integer from 1 to n_layers=2"),
+    ({"mod_capacity": 0.5, "mod_every": 0}, "model.mod_every must be a positive integer"),
+    ({"mod_every": 1.5}, "model.mod_every must be a positive integer"),
     ({"mod_capacity": 0.5, "mod_every": 3}, "model.mod_every must be an integer from 1 to n_layers=2"),
     ({"mod_every": 1}, "model.mod_every=1 needs model.mod_capacity"),
     ({"mod_capacity": 0.5, "router": "recurrent", "router_options": {}}, "cannot combine with router 'recurrent'"),
@@ -330,6 +331,10 @@ def test_bad_configuration_is_one_line_naming_the_field(fields, needle):
     with pytest.raises(ValueError) as err:
         MoETransformerLM(ModelConfig(**{**BASE, **fields}))
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_one_layer_model_without_mod_is_valid():
+    MoETransformerLM(ModelConfig(**{**BASE, "n_layers": 1})).forward(_ids(1, 3))
 
 
 def test_diffusion_lm_refuses_mod_and_training_mode_refuses_to_decode():

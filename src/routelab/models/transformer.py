@@ -200,9 +200,11 @@ class ModelConfig:
             raise ValueError(f"model.mod_capacity must be null (no Mixture-of-Depths) or a number in (0, 1] (the "
                              f"fraction of each sequence's tokens a routed block processes), got {short_repr(cap)}")
         every = self.mod_every
-        if not isinstance(every, int) or isinstance(every, bool) or not 1 <= every <= self.n_layers:
-            raise ValueError(f"model.mod_every must be an integer from 1 to n_layers={self.n_layers}, got "
-                             f"{short_repr(every)}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"model.mod_every must be a positive integer, got {short_repr(every)}")
+        if cap is not None and every > self.n_layers:
+            raise ValueError(f"model.mod_every must be an integer from 1 to n_layers={self.n_layers} (a larger one "
+                             f"routes no block), got {every}")
         if cap is None and every != OPTIONAL_FIELDS["mod_every"]:
             raise ValueError(f"model.mod_every={every} needs model.mod_capacity (a fraction in (0, 1]) to route blocks")
         if cap is not None and router_cls.hands_on_state:
