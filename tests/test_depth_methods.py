@@ -199,8 +199,9 @@ def test_rexmoe_layers_route_over_their_neighbours_experts_equal_to_a_plain_loop
 
 
 @pytest.mark.parametrize("changes", [dict(chain_iterations=2), dict(expert_pool="unipool"),
-                                     dict(expert_pool="rexmoe", reuse_window=1), dict(expert_widths=[6, 24, 12, 12])],
-                         ids=["chain", "unipool", "rexmoe", "widths"])
+                                     dict(expert_pool="rexmoe", reuse_window=1), dict(expert_widths=[6, 24, 12, 12]),
+                                     dict(expert_pool="rexmoe", reuse_window=1, reuse_schedule={"start": 0, "end": 9})],
+                         ids=["chain", "unipool", "rexmoe", "widths", "rexmoe_psr"])
 def test_models_with_depth_options_decode_as_a_full_recompute(changes):
     from routelab.models.decoding import generate
 

@@ -1,20 +1,37 @@
 """ReXMoE: a layer's routed experts are its own plus those of neighbouring layers (the same tensors, reused).
 
-Paper: "ReXMoE: Reusing Experts with Minimal Overhead in Mixture-of-Experts" (2025).
+Paper: "ReXMoE: Reusing Experts with Minimal Overhead in Mixture-of-Experts" (Tan et al., 2025).
 
 Defining property: MoE layer ℓ routes over the experts of the layers in a window of r layers on either side
 (its own included), so its candidate set grows to E·(2r+1) at no parameter cost: the neighbours' experts are the
 same tensors, trained by every layer that routes to them. With r = 0 the layer is the plain per-layer MoE layer.
 
+Progressive scaling routing (PSR, the paper's §3.3; `ProgressiveScaling`): while training, the number of candidates
+a router may choose starts at the layer's own N experts and widens linearly to all of them,
+
+    N_t = N                                   for t ≤ t_s,
+    N_t = ⌊N + (E_all − N)·(t − t_s)/(t_e − t_s)⌋   for t_s < t ≤ t_e,
+    N_t = E_all                               for t > t_e,
+
+(the paper's ⌊(1 + (r−1)(t−t_s)/(t_e−t_s))·N⌋ with r·N = E_all candidates), the others being masked before top-k.
+
 Reconstruction: the window is shifted, not clipped, at the ends of the stack (the first layer reuses layers 1..2r),
 so every layer has the same E·(2r+1) candidates; candidates are ordered by layer, the layer's own bank at its
-position in the window. The paper's progressive scaling routing (a schedule that widens the candidate pool during
-training) is **not implemented**: every layer routes over its whole window from the first step.
+position in the window (the paper's Eq. 4 groups r consecutive layers instead; here each layer's window is centred
+on it where the stack allows). For PSR: t is the training loop's 0-based step (`RoutingContext.step`); the layer's
+own N experts are always available (our reading of the paper's starting pool of N: at t ≤ t_s the layer is exactly
+the plain per-layer layer), and the N_t − N extra candidates are drawn at random among the neighbours' experts,
+afresh every step, as a fixed function of (layer, step), so a resumed or distributed run masks the same experts.
+The paper sets the masked experts' gating *scores* to zero before top-k; here their *logits* become −inf, so they
+take no softmax mass either (weights and balance loss are those of a layer holding only the available experts).
+Eval-mode forwards (validation, inference, decoding) use every candidate, as after training.
 
 Shape legend: S rows (sorted by expert), D model width, F expert width, E experts of the whole window.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -68,3 +85,53 @@ def window(layer: int, n_layers: int, r: int) -> list[int]:
     size = min(2 * r + 1, n_layers)
     start = min(max(0, layer - r), n_layers - size)
     return list(range(start, start + size))
+
+
+@dataclass(frozen=True)
+class ProgressiveScaling:
+    """ReXMoE's progressive scaling routing for one layer: which of its `num_candidates` experts a router may choose
+    at training step t (module docstring). `own` = (first, end) candidate indices of the layer's own bank; `layer`
+    seeds the per-step draw of the neighbours' experts, so that layers draw differently."""
+
+    start: int
+    end: int
+    num_candidates: int
+    own: tuple[int, int]
+    layer: int = 0
+
+    def __post_init__(self) -> None:
+        first, stop = self.own
+        if not (0 <= self.start < self.end) or not (0 <= first < stop <= self.num_candidates):
+            raise ValueError(f"ProgressiveScaling needs 0 <= start < end and 0 <= own[0] < own[1] <= num_candidates, "
+                             f"got start={self.start}, end={self.end}, own={self.own}, "
+                             f"num_candidates={self.num_candidates}")
+
+    @property
+    def fewest(self) -> int:
+        """The smallest pool a router sees: the layer's own experts."""
+        return self.own[1] - self.own[0]
+
+    def pool_size(self, step: int) -> int:
+        """N_t: how many candidates are available at training step `step` (exact integer floor)."""
+        n, total = self.fewest, self.num_candidates
+        if step <= self.start:
+            return n
+        if step > self.end:
+            return total
+        return n + (total - n) * (step - self.start) // (self.end - self.start)
+
+    def available(self, step: int) -> Tensor | None:
+        """BoolTensor [num_candidates] (CPU) of the candidates available at `step`, or None when all are."""
+        extra = self.pool_size(step) - self.fewest
+        others = self.num_candidates - self.fewest
+        if extra >= others:
+            return None
+        first, stop = self.own
+        mask = torch.zeros(self.num_candidates, dtype=torch.bool)
+        mask[first:stop] = True
+        if extra:
+            neighbours = torch.cat([torch.arange(first), torch.arange(stop, self.num_candidates)])
+            # a fixed function of (layer, step): every rank and every resumed run draws the same experts
+            g = torch.Generator().manual_seed((self.layer + 1) * 1_000_003 + step)
+            mask[neighbours[torch.randperm(others, generator=g)[:extra]]] = True
+        return mask

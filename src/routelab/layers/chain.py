@@ -38,6 +38,7 @@ class ChainOfExpertsLayer(MoELayer):
             if not isinstance(r, Router) or r.d_model != d_model or r.num_experts != router.num_experts:
                 raise ValueError(f"extra_routers[{i}] must be a Router with d_model={d_model} and "
                                  f"num_experts={router.num_experts}")
+            self.check_schedulable(r)
         self.extra_routers = nn.ModuleList(extra_routers)
 
     @property

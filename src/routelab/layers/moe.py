@@ -15,6 +15,7 @@ from routelab.dispatch.base import Dispatcher
 from routelab.dispatch.local import LocalDispatcher
 from routelab.experts.base import ExpertBank
 from routelab.experts.gated import GatedSharedExpert
+from routelab.experts.reused import ProgressiveScaling
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.routing.base import Router, RoutingContext, RoutingDecision
 from routelab.routing.erc import check_erc_options, layer_erc_loss
@@ -37,6 +38,10 @@ class MoELayer(nn.Module):
     erc_alpha:       the ERC loss's α (default 1.0).
     check_finite:    raise a FloatingPointError when the input holds NaN or inf, before routing on it (off by default:
                      it costs a pass over the input and a host sync; turn it on to find where NaNs start).
+    candidate_schedule: a `ProgressiveScaling` (ReXMoE, experts/reused.py), or None. With one, training-mode
+                     forwards need `ctx.step` and let the router choose only the candidates available at that step
+                     (`RoutingContext.available`); eval-mode forwards choose among all. The router must support it
+                     (`Router.cannot_restrict`), checked here.
 
     After a forward, `last_decision` holds the routing decision (tensors detached, aux losses with their graph).
     """
@@ -55,6 +60,7 @@ class MoELayer(nn.Module):
         erc_alpha: float = 1.0,
         dispatcher: Dispatcher | None = None,
         check_finite: bool = False,
+        candidate_schedule: ProgressiveScaling | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(router, Router):
@@ -78,6 +84,11 @@ class MoELayer(nn.Module):
         experts = experts if experts is not None else SwiGLUExperts(router.num_experts, d_model, d_ff)
         check_erc_options(router, experts, erc_loss_coef, erc_alpha)
         check_bool("check_finite", check_finite)
+        if candidate_schedule is not None and not isinstance(candidate_schedule, ProgressiveScaling):
+            raise TypeError(f"candidate_schedule must be a ProgressiveScaling or None, got "
+                            f"{type(candidate_schedule).__name__}")
+        self.candidate_schedule = candidate_schedule
+        self.check_schedulable(router)
         self.check_finite = check_finite
         self.erc_loss_coef, self.erc_alpha = float(erc_loss_coef), float(erc_alpha)
         self.d_model, self.d_ff = d_model, d_ff
@@ -93,6 +104,18 @@ class MoELayer(nn.Module):
         elif shared_experts:
             self.shared_experts = SwiGLUExperts(1, d_model, shared_width)
         self.last_decision: RoutingDecision | None = None
+
+    def check_schedulable(self, router: Router) -> None:
+        """Raise ValueError when this layer has a candidate schedule that `router` cannot follow."""
+        schedule = self.candidate_schedule
+        if schedule is None:
+            return
+        if schedule.num_candidates != router.num_experts:
+            raise ValueError(f"candidate_schedule covers {schedule.num_candidates} candidates but the router has "
+                             f"num_experts={router.num_experts}")
+        reason = router.cannot_restrict(schedule.fewest)
+        if reason is not None:
+            raise ValueError(f"{reason}, so it cannot follow ReXMoE's progressive scaling (model.reuse_schedule)")
 
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
         return self.forward_with_decision(x, ctx)[0]
@@ -112,6 +135,12 @@ class MoELayer(nn.Module):
             raise FloatingPointError(f"MoELayer input holds {bad} non-finite value(s) (NaN/inf) in a tensor of shape "
                                      f"{tuple(x.shape)} (check_finite=True)")
         ctx = (ctx or RoutingContext()).replace(batch_shape=tuple(x.shape[:-1]))
+        if ctx.available is not None:  # from the caller: only a router that honours it may receive it
+            reason = (router or self.router).cannot_restrict(int(ctx.available.sum()))
+            if reason is not None:
+                raise ValueError(f"RoutingContext.available was given, but {reason}")
+        if self.candidate_schedule is not None and self.training:
+            ctx = self._restrict(ctx, x.device)
         x_TD = x.reshape(-1, self.d_model)
 
         decision = (router or self.router)(x_TD, ctx)
@@ -134,6 +163,17 @@ class MoELayer(nn.Module):
                                 f"convert one (x.to({weight.dtype}) or layer.to({x.dtype}))") from exc
             raise
         return y_TD.reshape(x.shape), decision
+
+    def _restrict(self, ctx: RoutingContext, device: torch.device) -> RoutingContext:
+        """ctx with the candidates the schedule makes available at ctx.step (ANDed with any the caller gave)."""
+        if ctx.step is None:
+            raise ValueError("this MoE layer follows a candidate schedule (model.reuse_schedule) and a training-mode "
+                             "forward needs the training step: call model(ids, targets, step=step), or model.eval()")
+        available_E = self.candidate_schedule.available(ctx.step)
+        if available_E is None:
+            return ctx
+        available_E = available_E.to(device)
+        return ctx.replace(available=available_E if ctx.available is None else ctx.available & available_E)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_ff={self.d_ff}"

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from routelab._checks import short_repr
 from routelab.experts.base import ExpertBank
 from routelab.experts.heterogeneous import HeterogeneousSwiGLUExperts
-from routelab.experts.reused import ReusedExperts, window
+from routelab.experts.reused import ProgressiveScaling, ReusedExperts, window
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.layers.chain import ChainOfExpertsLayer
 from routelab.layers.depth import MixtureOfDepths
@@ -68,6 +68,11 @@ class ModelConfig:
         or "rexmoe" (ReXMoE, experts/reused.py: each layer routes over its own experts and those of `reuse_window`
         layers on either side, E·(2·reuse_window+1) candidates).
     reuse_window: r ≥ 0 for expert_pool "rexmoe" (0: the plain per-layer layer).
+    reuse_schedule: None (default: every layer routes over its whole window from the first step) or {"start": t_s,
+        "end": t_e} in training steps: ReXMoE's progressive scaling routing (experts/reused.py), the candidates a
+        router may choose widening linearly from the layer's own experts at step t_s to the whole window after
+        t_e; needs expert_pool "rexmoe" with reuse_window ≥ 1 and a router that can restrict its choice (topk).
+        Eval-mode forwards use the whole window.
     expert_widths: None (default: every expert has width d_ff) or one width per expert (Duo-LLM's small / big
         experts; experts/heterogeneous.py); FLOPs are counted per width, relative to d_ff.
     mod_capacity: None (default) or a fraction in (0, 1]: Mixture-of-Depths (layers/depth.py); every `mod_every`-th
@@ -75,7 +80,7 @@ class ModelConfig:
         a scalar router), the others ride the residual; eval-mode forwards and decoding select with a causal
         predictor. Needs routers that hand no state from one MoE layer to the next (not recurrent, pregate).
     mod_every: routed blocks are those i with (i + 1) % mod_every == 0 (default 2: every other block, the paper's).
-    The last six are left out of `to_dict` at their defaults, so a model that does not use them saves the same
+    The last seven are left out of `to_dict` at their defaults, so a model that does not use them saves the same
     config.json as before they existed (and older model folders, which lack them, still load).
     """
 
@@ -97,6 +102,7 @@ class ModelConfig:
     expert_pool: str = "per_layer"
     expert_widths: list[int] | None = None
     reuse_window: int = 0
+    reuse_schedule: dict[str, int] | None = None
     mod_capacity: float | None = None
     mod_every: int = 2
 
@@ -187,6 +193,7 @@ class ModelConfig:
             raise ValueError(f"model.reuse_window must be an integer >= 0, got {short_repr(r)}")
         if r and self.expert_pool != "rexmoe":
             raise ValueError(f"model.reuse_window={r} needs model.expert_pool: rexmoe (got {self.expert_pool!r})")
+        self._validate_reuse_schedule()
         widths = self.expert_widths
         if widths is not None and (
             not isinstance(widths, (list, tuple)) or len(widths) != self.num_experts
@@ -213,10 +220,34 @@ class ModelConfig:
         if not isinstance(self.router_options, dict):
             raise ValueError(f"router options must be a mapping, got {short_repr(self.router_options)}")
 
+    def _validate_reuse_schedule(self) -> None:
+        sched = self.reuse_schedule
+        if sched is None:
+            return
+        if not isinstance(sched, dict):
+            raise ValueError(f"model.reuse_schedule must be null or a mapping {{start, end}} (training steps), got "
+                             f"{short_repr(sched)}")
+        unknown = sorted(set(sched) - {"start", "end"})
+        if unknown:
+            raise ValueError(f"model.reuse_schedule has no field(s) {', '.join(map(str, unknown))}; valid: start, end")
+        if set(sched) != {"start", "end"}:
+            raise ValueError(f"model.reuse_schedule needs both 'start' and 'end' (training steps), got "
+                             f"{short_repr(sched)}")
+        start, end = sched["start"], sched["end"]
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise ValueError(f"model.reuse_schedule.start must be an integer >= 0 (a training step), got "
+                             f"{short_repr(start)}")
+        if not isinstance(end, int) or isinstance(end, bool) or end <= start:
+            raise ValueError(f"model.reuse_schedule.end must be an integer > start={start} (a training step), got "
+                             f"{short_repr(end)}")
+        if self.expert_pool != "rexmoe" or self.reuse_window < 1:
+            raise ValueError(f"model.reuse_schedule needs model.expert_pool: rexmoe with reuse_window >= 1 (got "
+                             f"expert_pool={self.expert_pool!r}, reuse_window={self.reuse_window!r})")
+
 
 # Fields a config may omit (to_dict leaves them out at these values): their default is the plain model.
 OPTIONAL_FIELDS = {"chain_iterations": 1, "expert_pool": "per_layer", "expert_widths": None, "reuse_window": 0,
-                   "mod_capacity": None, "mod_every": 2}
+                   "reuse_schedule": None, "mod_capacity": None, "mod_every": 2}
 
 
 class RMSNorm(nn.Module):
@@ -339,19 +370,24 @@ class MoETransformerLM(nn.Module):
                 return create_router(
                     cfg.router, d_model=cfg.d_model, num_experts=num_experts, **{**self.per_layer_options[j], **shared}
                 )
+            schedule = None
             if own is not None:  # ReXMoE: this layer's experts and its neighbours', the same tensors
                 near = window(j, len(moe_at), cfg.reuse_window)
                 experts = ReusedExperts([own[n] for n in near], own=near.index(j))
+                if cfg.reuse_schedule is not None:
+                    first = near.index(j) * cfg.num_experts
+                    schedule = ProgressiveScaling(**cfg.reuse_schedule, num_candidates=num_experts,
+                                                  own=(first, first + cfg.num_experts), layer=j)
             else:
                 experts = pool if pool is not None else self._expert_bank()
             if cfg.chain_iterations > 1:
                 moe_layers[i] = ChainOfExpertsLayer(
                     cfg.d_model, cfg.d_ff, router(), extra_routers=[router() for _ in range(cfg.chain_iterations - 1)],
-                    shared_experts=cfg.shared_experts, experts=experts,
+                    shared_experts=cfg.shared_experts, experts=experts, candidate_schedule=schedule,
                 )
             else:
                 moe_layers[i] = MoELayer(cfg.d_model, cfg.d_ff, router(), shared_experts=cfg.shared_experts,
-                                         experts=experts)
+                                         experts=experts, candidate_schedule=schedule)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         routed = set(cfg.mod_block_indices())
         self.blocks = nn.ModuleList(Block(cfg, moe_layers.get(i), routed=i in routed) for i in range(cfg.n_layers))

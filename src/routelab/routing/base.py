@@ -36,6 +36,10 @@ class RoutingContext:
     cache:        a `RouterCache` while a model decodes incrementally (a few new tokens per call, B sequences of
                   `batch_shape`); None otherwise. Causal routers whose routing reads earlier tokens keep what they
                   need in it; per-token routers ignore it.
+    available:    BoolTensor [E], True for the experts the router may choose in this forward; None: every expert.
+                  Unavailable experts get neither an assignment nor probability mass (their logits count as −inf).
+                  Only routers whose `cannot_restrict` returns None honour it; the layer checks that when it is
+                  built (ReXMoE's progressive scaling routing, experts/reused.py, sets it while training).
     """
 
     token_ids: Tensor | None = None
@@ -46,6 +50,7 @@ class RoutingContext:
     timestep: Tensor | float | None = None
     step: int | None = None
     cache: RouterCache | None = None
+    available: Tensor | None = None
 
     def replace(self, **changes: Any) -> RoutingContext:
         return dataclasses.replace(self, **changes)
@@ -274,6 +279,13 @@ class Router(nn.Module):
             f"router {type(self).__name__} does not take precomputed logits (its logit_gate() is None); "
             "call it as router(x_TD, ctx)"
         )
+
+    def cannot_restrict(self, num_available: int) -> str | None:
+        """Why this router cannot route when only `num_available` of its experts are available
+        (`RoutingContext.available`), or None when it can. A capability: the default is a refusal, and routers that
+        honour the mask override it."""
+        name = getattr(type(self), "registry_name", type(self).__name__)
+        return f"router {name!r} cannot restrict its choice to a subset of its experts (RoutingContext.available)"
 
     @torch.no_grad()
     def apply_updates(self) -> None:

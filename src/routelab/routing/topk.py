@@ -24,6 +24,10 @@ routing); z_loss_coef=0.0; balance="none"; bias_update_rate=1e-3 (γ);
 bip_iters=4; capacity_factor=None (dropless); drop_policy="probs"; jitter=0.0 (training only: x · U(1-ε, 1+ε));
 router_bias=False (a learned bias on the logits, as in GPT-OSS).
 
+With `RoutingContext.available` (ReXMoE's progressive scaling routing, experts/reused.py) the unavailable experts'
+logits become −inf before scoring (so `router_logits` holds −inf there), and the balance loss and the capacity count
+the available experts only; refused with a balancing bias or groups (`cannot_restrict`).
+
 Presets by options: Switch k=1 (capacity_factor 1.0-1.25, jitter 0.01); Mixtral k=2; Qwen3-MoE k=8 "selected";
 DeepSeek-V3 score="sigmoid", n_group=8, topk_group=4, k=8, scaling=2.5, balance="loss_free".
 
@@ -194,15 +198,37 @@ class TopKRouter(Router):
             )
         return self._route(x_TD, logits_TE, ctx)
 
+    def cannot_restrict(self, num_available: int) -> str | None:
+        if self.balance != "none" or self.n_group is not None:
+            # the balancing biases and duals would drift on experts that cannot be chosen; groups could hold none
+            return (f"router 'topk' restricts its choice to available experts only with balance='none' and no "
+                    f"n_group (got balance={self.balance!r}, n_group={self.n_group!r})")
+        if self.k > num_available:
+            return f"router 'topk' with k={self.k} needs at least k available experts, but only {num_available} are"
+        return None
+
     def _route(self, x_TD: Tensor, logits_TE: Tensor, ctx: RoutingContext | None) -> RoutingDecision:
         T, E, k = x_TD.shape[0], self.num_experts, self.k
+        available_E = None if ctx is None else ctx.available
+        if available_E is not None:
+            if available_E.dtype != torch.bool or tuple(available_E.shape) != (E,):
+                raise ValueError(f"RoutingContext.available must be a BoolTensor [{E}], got "
+                                 f"{available_E.dtype} of shape {tuple(available_E.shape)}")
+            reason = self.cannot_restrict(int(available_E.sum()))
+            if reason is not None:
+                raise ValueError(reason)
+            # −inf, so the softmax (or sigmoid) gives the unavailable experts exactly 0 and top-k never picks them
+            logits_TE = logits_TE.masked_fill(~available_E, float("-inf"))
         scores_TE = logits_TE.softmax(dim=-1) if self.score == "softmax" else logits_TE.sigmoid()
 
         pad_T = None if ctx is None else ctx.flat_padding_mask(T)
         real_T = None if pad_T is None else ~pad_T
         accumulate = self.training and torch.is_grad_enabled()
 
-        expert_TK = self.select(scores_TE.detach())
+        if available_E is None:
+            expert_TK = self.select(scores_TE.detach())
+        else:  # ranked with −inf, not 0: a sigmoid score can underflow to 0 and tie with an unavailable expert
+            expert_TK = top_indices(scores_TE.detach().masked_fill(~available_E, float("-inf")), k)
         weight_TK = scores_TE.gather(1, expert_TK)
         if self.normalize == "selected":
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
@@ -224,12 +250,15 @@ class TopKRouter(Router):
         real_scores_TE = scores_TE if real_T is None else scores_TE[real_T]
         if self.aux_loss_coef > 0 and losses:
             probs_TE = real_scores_TE
+            balanced_load_E = load_E
+            if available_E is not None:  # balance over the available experts: E in the loss is their number
+                probs_TE, balanced_load_E = probs_TE[:, available_E], load_E[available_E]
             if self.score == "sigmoid":
                 probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
             # "per_slot" normalises the load by tokens, not assignments: Σ f = k, so k times the Switch loss.
             form_scale = k if self.aux_loss_form == "per_slot" else 1
             # Under a statistics group f counts every rank's assignments (global); P is this rank's tokens'.
-            global_load_E = self.sum_over_group(load_E)
+            global_load_E = self.sum_over_group(balanced_load_E)
             aux_losses["aux"] = self.aux_loss_coef * form_scale * switch_balance_loss(probs_TE, global_load_E)
         if self.z_loss_coef > 0 and losses:
             real_logits_TE = logits_TE if real_T is None else logits_TE[real_T]
@@ -241,7 +270,8 @@ class TopKRouter(Router):
         num_dropped = 0
         if self.capacity_factor is not None and token_S.numel():
             num_real = T if real_T is None else int(real_T.sum())
-            capacity = expert_capacity(num_real, k, E, self.capacity_factor)
+            num_candidates = E if available_E is None else int(available_E.sum())
+            capacity = expert_capacity(num_real, k, num_candidates, self.capacity_factor)
             if self.drop_policy == "probs":
                 priority_S = scores_TE.detach()[token_S, expert_S]
             else:
