@@ -98,13 +98,14 @@ def _ref_predictor(mod, x_LD):
 
 
 def _ref_forward(model, ids_BL, *, mode):
-    """Logits [B, L, V] and the predictor's BCE terms; mode "train": top-C of r, "eval": the predictor's choice."""
+    """Logits [B, L, V] and each routed block's predictor BCE (training); mode "train": top-C of r, "eval": the
+    predictor's choice."""
     cap = Fraction(str(model.config.mod_capacity))
-    out, bce = [], []
+    out, bce = [], {}
     for ids_L in ids_BL:
         L = len(ids_L)
         x = model.embed.weight[ids_L]
-        for block in model.blocks:
+        for i, block in enumerate(model.blocks):
             if block.mod is None:
                 x = _ref_block(model, block, x, torch.arange(L))
                 continue
@@ -115,7 +116,7 @@ def _ref_forward(model, ids_BL, *, mode):
                 idx = sorted(sorted(range(L), key=lambda t: -r[t].item())[:C])
                 member = torch.zeros(L, dtype=x.dtype)
                 member[idx] = 1
-                bce.append(-(member * F.logsigmoid(pred) + (1 - member) * F.logsigmoid(-pred)))
+                bce.setdefault(i, []).append(-(member * F.logsigmoid(pred) + (1 - member) * F.logsigmoid(-pred)))
             else:
                 idx = [t for t in range(L) if pred[t] > 0]
             if idx:
@@ -124,7 +125,7 @@ def _ref_forward(model, ids_BL, *, mode):
                 update = torch.sigmoid(r[pos])[:, None] * (_ref_block(model, block, sub, pos) - sub)
                 x = x.index_add(0, pos, update)
         out.append(_rms(x, model.final_norm.weight) @ model.embed.weight.T)
-    return torch.stack(out), (torch.cat(bce).mean() if bce else None)
+    return torch.stack(out), {i: torch.cat(terms).mean() for i, terms in bce.items()}
 
 
 # --- training: exactly C tokens, the hand loop, gradients ----------------------------------------------------------
@@ -144,14 +145,18 @@ def test_training_processes_exactly_ceil_capacity_times_L_tokens_per_sequence(ca
         assert [b.mod.last_processed for b in model.blocks] == [3 * C] * 3
 
 
-def test_training_forward_equals_the_fp64_hand_loop_and_gradients_reach_the_router():
-    model = _model(mod_capacity=0.3).train()
+@pytest.mark.parametrize("layout", [{}, {"moe_every": 2, "mod_every": 1}], ids=["moe-routed", "dense-and-moe-routed"])
+def test_training_forward_equals_the_fp64_hand_loop_and_gradients_reach_the_router(layout):
+    model = _model(mod_capacity=0.3, **layout).train()
     ids = _ids(2, 7)
     logits, _ = model(ids)
     aux = model.blocks[1].mod.last_aux_losses["mod_predictor"]
     ref, ref_bce = _ref_forward(model, ids, mode="train")
     torch.testing.assert_close(logits, ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(aux, ref_bce, rtol=1e-10, atol=1e-12)
+    assert set(ref_bce) == set(model.config.mod_block_indices())
+    for i, want_bce in ref_bce.items():
+        torch.testing.assert_close(model.blocks[i].mod.last_aux_losses["mod_predictor"], want_bce, rtol=1e-10,
+                                   atol=1e-12)
     params = [p for p in model.parameters()]
     g = torch.randn_like(logits)
     got = torch.autograd.grad(logits, params, g, allow_unused=True)
@@ -162,8 +167,9 @@ def test_training_forward_equals_the_fp64_hand_loop_and_gradients_reach_the_rout
             assert a is None and b is None or (a if b is None else b).abs().max() == 0, name
             continue
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
-    router_grad = got[names.index("blocks.1.mod.router.weight")]
-    assert router_grad is not None and router_grad.abs().max() > 0
+    for i in model.config.mod_block_indices():
+        router_grad = got[names.index(f"blocks.{i}.mod.router.weight")]
+        assert router_grad is not None and router_grad.abs().max() > 0
     # the predictor learns from its own loss only, and that loss sends nothing back into the model
     pred_grads = torch.autograd.grad(aux, params, allow_unused=True)
     for name, g_ in zip(names, pred_grads):
@@ -242,9 +248,11 @@ def test_decoding_with_the_cache_equals_a_full_recompute_and_batched_left_padded
     assert 0 < processed < tokens  # blocks were skipped by some tokens and run by others
 
 
-def test_decoding_logits_match_in_fp64_step_by_step():
-    """The cache path in fp64, logits kept as the model computes them (generate hands back fp32)."""
-    model = _model(n_layers=3, mod_every=1).eval()
+@pytest.mark.parametrize("router", [{}, {"router": "similarity", "router_options": {"k": 2}}], ids=["topk", "similarity"])
+def test_decoding_logits_match_in_fp64_step_by_step(router):
+    """The cache path in fp64, logits kept as the model computes them (generate hands back fp32); the similarity
+    router reads earlier tokens from its RouterCache, where tokens that skipped its block are padding."""
+    model = _model(n_layers=3, mod_every=1, **router).eval()
     ids = _ids(2, 10, seed=7)
     full, _ = model(ids)
     cache = model.new_cache(2, 10)
