@@ -11,6 +11,7 @@ from reference import swiglu_row
 from routelab.dispatch import LocalDispatcher
 from routelab.dispatch.permute import make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
+from routelab.dispatch.workers import split_groups
 
 DISPATCHER = LocalDispatcher()
 
@@ -53,8 +54,9 @@ def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("T,E,k", [(1, 1, 1), (5, 3, 2), (6, 8, 3), (2, 8, 1)])
-def test_gradcheck(T, E, k):
+def test_gradcheck(T, E, k, workers):
     D, F = 5, 3
     decision = _random_decision(T, E, k, seed=T + E + k)
     plan = make_plan(decision)
@@ -63,14 +65,15 @@ def test_gradcheck(T, E, k):
     sizes = plan.group_sizes_E.tolist()
 
     def fn(x, weight, w_gate_up, w_down):
-        return routed_swiglu(x, plan.token_S, weight, sizes, w_gate_up, w_down)
+        return routed_swiglu(x, plan.token_S, weight, sizes, w_gate_up, w_down, workers=workers)
 
     inputs = (x, _leaf(plan.weight_S), _leaf(bank.w_gate_up), _leaf(bank.w_down))
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("T,E,k", [(1, 8, 1), (9, 1, 1), (33, 8, 2), (64, 16, 4), (40, 64, 8), (7, 4, 3)])
-def test_matches_per_assignment_loop_fp64(T, E, k):
+def test_matches_per_assignment_loop_fp64(T, E, k, workers):
     D, F = 13, 11  # odd widths on purpose
     decision = _random_decision(T, E, k, seed=T * 100 + E)
     plan = make_plan(decision)
@@ -78,7 +81,7 @@ def test_matches_per_assignment_loop_fp64(T, E, k):
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     weight = _leaf(plan.weight_S)
     w_gate_up, w_down = _leaf(bank.w_gate_up), _leaf(bank.w_down)
-    y = routed_swiglu(x, plan.token_S, weight, plan.group_sizes_E.tolist(), w_gate_up, w_down)
+    y = routed_swiglu(x, plan.token_S, weight, plan.group_sizes_E.tolist(), w_gate_up, w_down, workers=workers)
 
     x_ref, wgu_ref, wd_ref = _leaf(x), _leaf(bank.w_gate_up), _leaf(bank.w_down)
     weight_ref = _leaf(decision.weight)
@@ -166,3 +169,44 @@ def test_bf16_stays_close_to_fp32():
     y16 = _routed(bank.to(torch.bfloat16), x.to(torch.bfloat16), decision)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("sizes,workers", [([3, 0, 5, 1, 0, 7], 2), ([0, 0, 4], 3), ([1] * 9, 4), ([], 2),
+                                           ([0, 0], 2), ([100, 1, 1], 2), ([2, 2, 2, 2], 1)])
+def test_split_groups_cuts_the_groups_into_contiguous_runs(sizes, workers):
+    """Every non-empty group lands in exactly one run, in expert order; at most `workers` runs, none empty (but
+    one when there is nothing to do), and an expert's rows never straddle two runs."""
+    runs = split_groups(sizes, workers)
+    flat = [group for run in runs for group in run]
+    starts = [sum(sizes[:e]) for e in range(len(sizes))]
+    assert flat == [(e, starts[e], starts[e] + n) for e, n in enumerate(sizes) if n]
+    assert 1 <= len(runs) <= max(1, workers)
+    assert all(runs) or runs == [[]]
+
+
+def test_dispatcher_gives_threads_whole_experts_and_restores_the_thread_count():
+    """With two intra-op threads a training-size call runs on two workers (`LocalDispatcher.workers`); outputs and
+    every gradient still equal the fp64 per-assignment loop, and the caller's thread count is what it was."""
+    T, E, k, D, F = 160, 8, 8, 48, 40  # (1280 + 8)·3·48·40 ≥ SPLIT_MIN_WORK
+    decision = _random_decision(T, E, k, seed=11)
+    bank = _bank(E, D, F, seed=11)
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    weight = _leaf(decision.weight)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert DISPATCHER.workers(decision.num_assignments, E, D, F, x.device) == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert DISPATCHER.workers(decision.num_assignments, E, D, F, x.device) == 1  # per-thread state
+        assert DISPATCHER.workers(100, E, D, F, x.device) == 1
+        y = DISPATCHER.fused(x, dataclasses.replace(decision, weight=weight), bank)
+        grads = torch.autograd.grad(y.square().sum(), [x, weight, bank.w_gate_up, bank.w_down])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    x_ref, weight_ref, wgu_ref, wd_ref = _leaf(x), _leaf(decision.weight), _leaf(bank.w_gate_up), _leaf(bank.w_down)
+    y_ref = _reference(x_ref, dataclasses.replace(decision, weight=weight_ref), wgu_ref, wd_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    ref_grads = torch.autograd.grad(y_ref.square().sum(), [x_ref, weight_ref, wgu_ref, wd_ref])
+    for name, g, g_ref in zip(["x", "weight", "w_gate_up", "w_down"], grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"grad of {n}: {m}")
