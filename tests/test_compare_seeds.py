@@ -115,7 +115,9 @@ def test_depth_and_paper_presets_hold_the_new_methods_and_three_seeds():
     depth, notes = resolve(preset="depth")  # builds every variant's routers and a meta model: options are checked
     assert not notes and depth["seeds"] == 3 and depth["variants"][0]["name"] == "topk"
     by_name = {v["name"]: v for v in depth["variants"]}
-    assert set(by_name) == {"topk", "chain_of_experts", "unipool", "rexmoe", "rexmoe_psr", "prototype", "duo"}
+    assert set(by_name) == {"topk", "chain_of_experts", "unipool", "rexmoe", "rexmoe_psr", "prototype", "duo",
+                            "mod"}
+    assert by_name["mod"]["model"] == {"mod_capacity": 0.5, "mod_every": 2}
     assert by_name["chain_of_experts"]["model"] == {"chain_iterations": 2}
     assert by_name["rexmoe"]["model"]["expert_pool"] == "rexmoe" and by_name["prototype"]["router"] == "prototype"
     assert by_name["rexmoe_psr"]["model"]["reuse_schedule"] == {"start": 24, "end": 72}

@@ -271,6 +271,10 @@ def test_bad_input_is_refused_with_the_option_named():
     recurrent = tiny_model(router="recurrent", options={"k": 2, "hidden": 8}, dtype=torch.float32)
     with pytest.raises(ValueError, match="state"):
         run_plans(recurrent, ids, [1, 1, 1])
+    torch.manual_seed(0)
+    mod = MoETransformerLM(dataclasses.replace(model.config, mod_capacity=0.5)).double()
+    with pytest.raises(ValueError, match="Mixture-of-Depths"):
+        run_plans(mod, ids, [1, 1, 1])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -81,8 +81,8 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
                              f"({d['source']})" for d in summary["data"]["domains"]) + ".",
         "",
         "| variant | router (options) | causal | val ppl | val loss | experts/token | expert FLOPs vs top-k "
-        "| imbalance max/mean | imbalance CV | dropped | train tok/s | wall (s) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| block FLOPs vs top-k | imbalance max/mean | imbalance CV | dropped | train tok/s | wall (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     seeds = summary.get("seeds") or [t["seed"]]
     if len(seeds) > 1:
@@ -91,12 +91,12 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     for v in variants if len(seeds) == 1 else ():
         if "error" in v:
             lines.append(f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | – | failed "
-                         f"| – | – | – | – | – | – | – | {v['wall_seconds']:.1f} |")
+                         f"| – | – | – | – | – | – | – | – | {v['wall_seconds']:.1f} |")
             continue
         lines.append(
             f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | {causal_label(v)} "
             f"| {_f(v['val_perplexity'], 2)} | {_f(v['val_loss'], 4)} | {_f(v['mean_experts_per_token'], 2)} "
-            f"| {_f(v['active_expert_flops_vs_topk'], 2)}× "
+            f"| {_f(v['active_expert_flops_vs_topk'], 2)}× | {_f(v.get('active_block_flops_vs_topk'), 2)}× "
             f"| {_f(v['imbalance_max_over_mean'], 2)} | {_f(v['imbalance_cv'], 3)} | {v['dropped_fraction']:.1%} "
             f"| {v['train_tokens_per_second']:,.0f} | {v['wall_seconds']:.1f} |"
         )
@@ -114,7 +114,13 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
         f"- **experts/token**: mean routed experts per token per MoE layer on the validation set; **expert FLOPs vs "
         f"top-k**: active routed-expert FLOPs per token relative to top-{cfg.get('reference_k', 2)} (with all "
         "experts of width d_ff this is experts/token ÷ k; an expert of another width counts width ÷ d_ff, a "
-        "Chain-of-Experts layer counts every iteration, a null expert or a skip counts 0).",
+        "Chain-of-Experts layer counts every iteration, a null expert or a skip counts 0; a token that skips a "
+        "Mixture-of-Depths block spends nothing there). **block FLOPs vs top-k**: the weight-matmul FLOPs per token "
+        "of every block (attention projections 4·D², feed-forward: dense, shared and routed experts as above) that "
+        "the token actually ran, relative to top-k running every block (`models/flops.py`; attention scores, "
+        "norms, routers, embeddings and the output projection are not counted). It differs from the expert "
+        "column's ratio because attention and dense layers are counted too; it is the x-axis of the "
+        "quality-vs-compute plot.",
         "- **imbalance**: per MoE layer and validation batch, the busiest expert's load over the mean load (1.0 = "
         "perfectly balanced) and the coefficient of variation of the loads, averaged over batches and layers.",
         "- **dropped**: fraction of selected assignments dropped for capacity. **train tok/s** excludes evaluation; "
@@ -126,7 +132,7 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     if len(seeds) == 1:
         lines.append("- One seed per variant: small differences in perplexity (a few percent at this scale) can be seed "
                      "noise; run with `--seeds 3` or more before drawing conclusions. Router compute is not in the "
-                     "FLOPs column.")
+                     "FLOPs columns.")
     else:
         ref = variants[0]["name"]
         lines += [
@@ -136,8 +142,9 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
             f"difference val_loss(variant, s) − val_loss({ref}, s) in nats/token, with its 95% t-interval; "
             "**real?** says *yes* when the interval excludes 0, *no* (not distinguishable from zero) otherwise. "
             "The other columns are means over seeds; plots of loads and curves show the first seed. Router compute "
-            "is not in the FLOPs column.",
+            "is not in the FLOPs columns.",
         ]
+    lines += mod_section(ok, m)
     if len(summary["data"]["domains"]) > 1 and ok:
         names = [d["name"] for d in summary["data"]["domains"]]
         lines += ["", "Validation loss per domain:", "",
@@ -154,7 +161,7 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
         PLOTS["expert_load"]: "Expert load per MoE layer (load ÷ mean load; 1 = balanced)",
         PLOTS["experts_per_token"]: "Experts per token (all MoE layers, validation set)",
         PLOTS["domain_load"]: "Share of each domain's assignments per expert, per MoE layer",
-        PLOTS["quality_vs_compute"]: "Validation perplexity against active expert FLOPs per token",
+        PLOTS["quality_vs_compute"]: "Validation perplexity against active block FLOPs per token",
     }
     for name in plots:
         lines += ["", f"## {captions.get(name, name)}", "", f"![{captions.get(name, name)}]({name})"]
@@ -163,6 +170,34 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
               f"Total wall time {summary['wall_seconds']:.0f} s (data and tokenizer {summary['setup_seconds']:.1f} s). "
               "The exact configuration is in `config.yaml`; every number and curve in `results.json`.", ""]
     return "\n".join(lines)
+
+
+def mod_section(variants: list[dict[str, Any]], model: dict[str, Any]) -> list[str]:
+    """Report lines for the variants with Mixture-of-Depths blocks: per routed block and seed, the share of
+    validation tokens the causal predictor let through and how often it agreed with top-C membership."""
+    rows = []
+    for v in variants:
+        runs = v.get("runs") or [v]
+        capacity = {**model, **(v.get("model") or {})}.get("mod_capacity")
+        if capacity is None or not runs[0].get("mod_predictor_accuracy"):
+            continue
+        processed = [r["processed_fraction_by_block"] for r in runs]
+        for n, i in enumerate(_routed_blocks(v, model)):
+            rows.append(f"| {v['name']} | {i} | {capacity} | " + ", ".join(_f(p[i], 2) for p in processed)
+                        + " | " + ", ".join(_f(r["mod_predictor_accuracy"][n], 2) for r in runs) + " |")
+    if not rows:
+        return []
+    return ["", "Mixture-of-Depths blocks: in training each routed block processes the top ⌈capacity·L⌉ tokens of "
+            "every sequence; in evaluation (as in generation) a causal predictor decides per token. Per seed: the "
+            "share of validation tokens it let through, and how often it agreed with top-C membership.", "",
+            "| variant | block | capacity (training) | processed in evaluation | predictor agrees with top-C |",
+            "|---|---:|---:|---|---|"] + rows
+
+
+def _routed_blocks(v: dict[str, Any], model: dict[str, Any]) -> list[int]:
+    fields = {**model, **(v.get("model") or {})}
+    every = fields.get("mod_every", 2)
+    return [i for i in range(fields["n_layers"]) if (i + 1) % every == 0]
 
 
 def diffusion_section(variants: list[dict[str, Any]], reference_k: int) -> list[str]:
@@ -192,13 +227,14 @@ def seeds_table(variants: list[dict[str, Any]], seeds: list[int]) -> list[str]:
     ref = variants[0]["name"]
     lines = [
         f"| variant | router (options) | causal | val ppl (mean ± 95% CI) | per-seed val ppl | Δ loss vs {ref} "
-        "(95% CI) | real? | expert FLOPs vs top-k | imbalance max/mean | dropped | train tok/s | wall (s) |",
-        "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
+        "(95% CI) | real? | expert FLOPs vs top-k | block FLOPs vs top-k | imbalance max/mean | dropped | train tok/s "
+        "| wall (s) |",
+        "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in variants:
         if "error" in v:
             lines.append(f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | – | failed | – | – | – | – | – "
-                         f"| – | – | {v['wall_seconds']:.1f} |")
+                         f"| – | – | – | {v['wall_seconds']:.1f} |")
             continue
         ppl = v["seed_stats"]["val_perplexity"]
         per_seed = ", ".join(_f(r["val_perplexity"], 2) for r in v["runs"])
@@ -213,8 +249,8 @@ def seeds_table(variants: list[dict[str, Any]], seeds: list[int]) -> list[str]:
         lines.append(
             f"| {v['name']} | `{v['router']}` ({describe_options(v)}) | {causal_label(v)} "
             f"| {_f(ppl['mean'], 2)} ± {_f(ppl['half_width'], 2)} | {per_seed} | {diff} | {real} "
-            f"| {_f(v['active_expert_flops_vs_topk'], 2)}× | {_f(v['imbalance_max_over_mean'], 2)} "
-            f"| {v['dropped_fraction']:.1%} | {v['train_tokens_per_second']:,.0f} | {v['wall_seconds']:.1f} |"
+            f"| {_f(v['active_expert_flops_vs_topk'], 2)}× | {_f(v.get('active_block_flops_vs_topk'), 2)}× "
+            f"| {_f(v['imbalance_max_over_mean'], 2)} | {v['dropped_fraction']:.1%} | {v['train_tokens_per_second']:,.0f} | {v['wall_seconds']:.1f} |"
         )
     return lines
 
@@ -365,13 +401,15 @@ def plot_domain_load(variants: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_quality_vs_compute(variants: list[dict[str, Any]], path: Path) -> Path:
-    """One point per variant: active routed-expert FLOPs per token (relative to top-k) against validation perplexity,
+    """One point per variant: active block FLOPs per token (relative to top-k; `models/flops.py`: attention
+    projections and feed-forward of the blocks each token ran, routed experts by width and repeat) against validation
+    perplexity,
     with the 95% t-interval of the perplexity as an error bar when there are several seeds. Lower-left is better:
     a dynamic-compute method is judged by where it sits against the others, not by perplexity alone."""
     fig = _figure((8.5, 5.5))
     ax = fig.subplots()
     markers = "os^Dv<>pP*Xh"
-    xs = [v["active_expert_flops_vs_topk"] for v in variants]
+    xs = [v.get("active_block_flops_vs_topk", math.nan) for v in variants]
     finite = [x for x in xs if math.isfinite(x)]
     span = (max(finite) - min(finite)) if len(finite) > 1 and max(finite) > min(finite) else 1.0
     groups = [round(x, 3) if math.isfinite(x) else None for x in xs]  # variants spending the same compute
@@ -385,7 +423,7 @@ def plot_quality_vs_compute(variants: list[dict[str, Any]], path: Path) -> Path:
         label = v["name"] + ("" if v["causal_eval"] else " (non-causal: not comparable)")
         ax.errorbar([x], [y], yerr=None if err is None else [[err], [err]], fmt=markers[i % len(markers)],
                     color=color, capsize=4, markersize=7, label=label)
-    ax.set_xlabel("active routed-expert FLOPs per token (relative to top-k; equal values drawn slightly apart)")
+    ax.set_xlabel("active block FLOPs per token (relative to top-k; equal values drawn slightly apart)")
     ax.set_ylabel("validation perplexity (lower is better)")
     n_seeds = max(len(v.get("runs") or [None]) for v in variants)
     ax.set_title("Quality against compute" + (f" (mean and 95% t-interval over {n_seeds} seeds)" if n_seeds > 1

@@ -36,8 +36,9 @@ from routelab._runs import RunLayout, check_out, claim_out
 from routelab.train import distributed
 from routelab.train.checkpoint import CHECKPOINT_JSON
 from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
+from routelab.models.flops import reference_block_flops_per_token
 from routelab.models.io import MODEL_FILES, save_model
-from routelab.models.transformer import MoETransformerLM
+from routelab.models.transformer import ModelConfig, MoETransformerLM
 
 RESULTS_FORMAT = 1
 
@@ -222,7 +223,7 @@ def variant_dir(out: Path, name: str, seed: int, *, multi: bool) -> Path:
 
 # Scalars averaged over seeds in a multi-seed variant entry (the other top-level fields are the first seed's run).
 SEED_MEANS = ("val_loss", "val_perplexity", "mean_experts_per_token", "active_expert_flops_vs_topk",
-              "imbalance_max_over_mean", "imbalance_cv", "dropped_fraction", "train_tokens_per_second")
+              "active_block_flops_vs_topk", "imbalance_max_over_mean", "imbalance_cv", "dropped_fraction", "train_tokens_per_second")
 
 
 def combine_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
@@ -238,8 +239,9 @@ def combine_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
         seed, r = failed[0]
         return {**base, "error": f"seed {seed}: {r['error']}", "seeds": seeds, "runs": runs, "wall_seconds": wall}
     entry = {k: v for k, v in runs[0].items() if k not in ("variant_hash", "seed")}
-    for key in SEED_MEANS:
-        entry[key] = _mean([r[key] for r in runs]) if all(math.isfinite(r[key]) for r in runs) else float("nan")
+    for key in SEED_MEANS:  # .get: a result stored by a routelab without a field (--resume) averages to nan
+        values = [r.get(key, math.nan) for r in runs]
+        entry[key] = _mean(values) if all(math.isfinite(x) for x in values) else float("nan")
     entry.update({
         "wall_seconds": wall,
         "seeds": seeds,
@@ -249,6 +251,7 @@ def combine_seeds(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
             "val_perplexity": t_interval([r["val_perplexity"] for r in runs]),
             "val_loss": t_interval([r["val_loss"] for r in runs]),
             "active_expert_flops_vs_topk": t_interval([r["active_expert_flops_vs_topk"] for r in runs]),
+            "active_block_flops_vs_topk": t_interval([r.get("active_block_flops_vs_topk", math.nan) for r in runs]),
         },
         "runs": runs,
     })
@@ -357,6 +360,7 @@ def run_variant(
         # routed-expert FLOPs per token and MoE layer (widths and Chain-of-Experts repeats counted) ÷ top-k's
         "active_expert_flops_vs_topk": _mean(final["active_expert_flops_by_layer"]) / reference_k,
         "active_expert_flops_by_layer": final["active_expert_flops_by_layer"],
+        **block_flops_fields(final, mc, reference_k),
         "train_tokens": run.train_tokens,
         "train_seconds": run.train_seconds,
         "train_tokens_per_second": steady_tokens_per_second(run.train_curve, train_cfg.batch_size * train_cfg.seq_len),
@@ -398,6 +402,7 @@ def run_diffusion_variant(
         "params": sum(p.numel() for p in model.parameters()),
         **fields,
         "active_expert_flops_vs_topk": fields["mean_experts_per_token"] / reference_k,
+        **block_flops_fields(final, mc, reference_k),
         "flops_by_t": [{**b, "flops_vs_topk": b["mean"] / reference_k} for b in final["experts_per_token_by_t"]],
         "train_tokens": run["train_tokens"],
         "train_seconds": run["train_seconds"],
@@ -407,6 +412,18 @@ def run_diffusion_variant(
         "train_curve": run["train_curve"],
         "val_curve": [{"step": r["step"], "val_loss": r["val_loss"], "by_domain": r["by_domain"]}
                       for r in run["val_curve"]],
+    }
+
+
+def block_flops_fields(final: dict[str, Any], mc: ModelConfig, reference_k: int) -> dict[str, Any]:
+    """Block FLOPs per token actually spent (attention projections and feed-forward of the blocks a token ran,
+    routed experts by width and repeat; `models.flops`) ÷ top-k's reference, the share of tokens each block
+    processed (below 1 only on Mixture-of-Depths blocks) and each Mixture-of-Depths predictor's agreement with
+    top-C membership on the validation set."""
+    return {
+        "active_block_flops_vs_topk": final["block_flops_per_token"] / reference_block_flops_per_token(mc, reference_k),
+        "processed_fraction_by_block": final["processed_fraction_by_block"],
+        "mod_predictor_accuracy": final["mod_predictor_accuracy"],
     }
 
 

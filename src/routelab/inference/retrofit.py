@@ -100,6 +100,9 @@ def _check_model(model: nn.Module) -> None:
 
     if not isinstance(model, MoETransformerLM):
         raise TypeError(f"model must be a routelab MoETransformerLM (routelab.load_model), got {type(model).__name__}")
+    if model.config.mod_capacity is not None:
+        raise ValueError(f"this model routes its blocks already (Mixture-of-Depths, model.mod_capacity="
+                         f"{model.config.mod_capacity}); retrofit plans skip/execute/repeat over a plain block stack")
 
 
 def _run_block(model: nn.Module, i: int, x_BLD: Tensor, ids_BL: Tensor) -> tuple[Tensor, float]:

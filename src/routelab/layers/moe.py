@@ -180,13 +180,15 @@ class MoELayer(nn.Module):
 
 
 def total_aux_loss(model: nn.Module) -> Tensor:
-    """Sum of the aux losses of every MoE layer's last forward: a 0-d tensor, with gradient when they have one."""
+    """Sum of the aux losses of every MoE layer's last forward, and of the modules that keep aux losses of their own
+    in `last_aux_losses` (Mixture-of-Depths' predictor, layers/depth.py): a 0-d tensor, with gradient when they
+    have one."""
     losses = [
         loss
         for module in model.modules()
         if isinstance(module, MoELayer) and module.last_decision is not None
         for loss in module.last_decision.aux_losses.values()
-    ]
+    ] + [loss for module in model.modules() for loss in getattr(module, "last_aux_losses", {}).values()]
     if not losses:
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)

@@ -7,7 +7,8 @@ move a row's rotary positions (`DecodeCache`), so each row's tokens are those it
 only the newest token of each row through the model: attention reads the cached keys/values, and routers whose
 routing reads earlier tokens read them from their `RouterCache`. Routers that are not causal at inference
 (expert choice, similarity with causal=False, top-k with a capacity) are refused: a token's experts would depend on
-tokens that do not exist yet.
+tokens that do not exist yet. Mixture-of-Depths blocks (`mod_capacity`) decode with their causal predictor (the model
+runs in eval mode), the cache hiding each block's skipped slots from later tokens.
 """
 
 from __future__ import annotations

@@ -78,6 +78,9 @@ class MaskedDiffusionLM(nn.Module):
     def __init__(self, config: ModelConfig, *, t_min: float = 1e-3) -> None:
         super().__init__()
         config.validate()
+        if config.mod_capacity is not None:
+            raise ValueError("model.mod_capacity (Mixture-of-Depths) is for the autoregressive LM only: its causal "
+                             "predictor and top-C over a causal subsequence assume left-to-right attention")
         check_number("t_min", t_min, low=0, high=0.5, open_low=True)
         self.config = config
         self.t_min = float(t_min)

@@ -6,6 +6,10 @@ Dh head width, K2 = Dh/2 rotary pairs.
 B sequences are decoded together, slot by slot: a call with ids [B, L] fills slots [length, length + L) of every
 row. A row's slots may be padding (prompts of different lengths are left-padded): padding is never attended to,
 never routed, and does not advance the row's rotary position, so each row computes what it would alone.
+
+A Mixture-of-Depths block (`layers/depth.py`) is run only by some tokens: the cache records, per such block, which
+slots' tokens ran it (`routed_mask`), and the block's queries see only those slots (a skipped token's slot holds
+keys/values that are never attended to, as if it had written none).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class DecodeCache:
         self.positions_B = torch.zeros(batch_size, dtype=torch.long)  # real tokens seen per row
         self.has_padding = False
         self._start = 0
+        self.processed: dict[int, Tensor] = {}  # routed block → [B, capacity] bool: slots whose token ran it
 
     def begin(self, real_BL: Tensor) -> tuple[Tensor, Tensor | None]:
         """Take the slots of L new tokens (real_BL: False where padding). Returns their rotary positions [B, L] and
@@ -56,6 +61,21 @@ class DecodeCache:
         # A query always sees itself, so a padding query has a non-empty softmax (its output is never used).
         allowed_BLS = (self.real_BS[:, None, :S] & causal_LS) | (slot_S[None, :] == query_L[:, None])
         return positions_BL, allowed_BLS[:, None]
+
+    def routed_mask(self, layer: int, run_BL: Tensor) -> Tensor:
+        """Record which of this call's L tokens run block `layer` (run_BL, False for padding) and return that
+        block's attention mask [B, 1, L, S]: a query sees the earlier (or same-call, causally) slots whose token ran
+        the block, and itself (so a skipped query has a non-empty softmax; its output is discarded)."""
+        done_BS = self.processed.get(layer)
+        if done_BS is None:
+            done_BS = self.processed[layer] = torch.zeros(self.batch_size, self.capacity, dtype=torch.bool, device=run_BL.device)
+        done_BS[:, self._start : self.length] = run_BL & self.real_BS[:, self._start : self.length]
+        S = self.length
+        slot_S = torch.arange(S, device=run_BL.device)
+        query_L = torch.arange(self._start, S, device=run_BL.device)
+        causal_LS = slot_S[None, :] <= query_L[:, None]
+        allowed_BLS = (done_BS[:, None, :S] & causal_LS) | (slot_S[None, :] == query_L[:, None])
+        return allowed_BLS[:, None]
 
     def store(self, layer: int, k_BHLD: Tensor, v_BHLD: Tensor) -> tuple[Tensor, Tensor]:
         """Write this call's keys/values of block `layer`; returns the keys/values of every filled slot."""

@@ -14,12 +14,18 @@ decision handed on, so every registered router works here without special cases.
 Incremental decoding: `forward(ids, cache=model.new_cache(B, capacity))` runs the next tokens of B cached sequences
 (`kv_cache.DecodeCache`: attention keys/values per block, a `RouterCache` per MoE layer in the routing context, so a
 router that reads earlier tokens finds them there). Only causal routers decode; `models.decoding.generate` drives it.
+
+Mixture-of-Depths (`mod_capacity`, layers/depth.py): on a routed block, `Block.mod` chooses the tokens that run the
+block and adds their router-weighted update; the block itself runs through the same `_run_block`, on a gathered
+subsequence at its original rotary positions (training) or on every row with the skipped ones masked out of
+attention and routing (eval mode, decoding: the cache records per routed block which slots ran it).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,10 +38,11 @@ from routelab.experts.heterogeneous import HeterogeneousSwiGLUExperts
 from routelab.experts.reused import ProgressiveScaling, ReusedExperts, window
 from routelab.experts.swiglu import SwiGLUExperts
 from routelab.layers.chain import ChainOfExpertsLayer
+from routelab.layers.depth import MixtureOfDepths
 from routelab.layers.moe import MoELayer, total_aux_loss
 from routelab.models.kv_cache import DecodeCache
 from routelab.models.schedules import SHAPES, k_schedule
-from routelab.routing.base import RoutingContext
+from routelab.routing.base import RoutingContext, RoutingDecision
 from routelab.routing.registry import create_router, router_class, router_options
 
 
@@ -68,7 +75,12 @@ class ModelConfig:
         Eval-mode forwards use the whole window.
     expert_widths: None (default: every expert has width d_ff) or one width per expert (Duo-LLM's small / big
         experts; experts/heterogeneous.py); FLOPs are counted per width, relative to d_ff.
-    The last five are left out of `to_dict` at their defaults, so a model that does not use them saves the same
+    mod_capacity: None (default) or a fraction in (0, 1]: Mixture-of-Depths (layers/depth.py); every `mod_every`-th
+        block (the last of each group) processes only ⌈mod_capacity · L⌉ tokens per sequence in training (top-C of
+        a scalar router), the others ride the residual; eval-mode forwards and decoding select with a causal
+        predictor. Needs routers that hand no state from one MoE layer to the next (not recurrent, pregate).
+    mod_every: routed blocks are those i with (i + 1) % mod_every == 0 (default 2: every other block, the paper's).
+    The last seven are left out of `to_dict` at their defaults, so a model that does not use them saves the same
     config.json as before they existed (and older model folders, which lack them, still load).
     """
 
@@ -91,6 +103,8 @@ class ModelConfig:
     expert_widths: list[int] | None = None
     reuse_window: int = 0
     reuse_schedule: dict[str, int] | None = None
+    mod_capacity: float | None = None
+    mod_every: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -102,6 +116,13 @@ class ModelConfig:
     def moe_layer_indices(self) -> list[int]:
         """Block indices that hold an MoE layer: the last block of each group of `moe_every`."""
         return [i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0]
+
+    def mod_block_indices(self) -> list[int]:
+        """Block indices routed by Mixture-of-Depths (none without mod_capacity): the last of each group of
+        `mod_every`."""
+        if self.mod_capacity is None:
+            return []
+        return [i for i in range(self.n_layers) if (i + 1) % self.mod_every == 0]
 
     def per_layer_router_options(self) -> list[dict[str, Any]]:
         """The router options of each MoE layer (the k schedule applied), validated against the registry."""
@@ -180,7 +201,22 @@ class ModelConfig:
         ):
             raise ValueError(f"model.expert_widths must be null or a list of num_experts={self.num_experts} positive "
                              f"integers (one width per expert), got {short_repr(widths)}")
-        router_class(self.router)  # unknown name → ValueError listing the valid ones
+        router_cls = router_class(self.router)  # unknown name → ValueError listing the valid ones
+        cap = self.mod_capacity
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 < cap <= 1):
+            raise ValueError(f"model.mod_capacity must be null (no Mixture-of-Depths) or a number in (0, 1] (the "
+                             f"fraction of each sequence's tokens a routed block processes), got {short_repr(cap)}")
+        every = self.mod_every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"model.mod_every must be a positive integer, got {short_repr(every)}")
+        if cap is not None and every > self.n_layers:
+            raise ValueError(f"model.mod_every must be an integer from 1 to n_layers={self.n_layers} (a larger one "
+                             f"routes no block), got {every}")
+        if cap is None and every != OPTIONAL_FIELDS["mod_every"]:
+            raise ValueError(f"model.mod_every={every} needs model.mod_capacity (a fraction in (0, 1]) to route blocks")
+        if cap is not None and router_cls.hands_on_state:
+            raise ValueError(f"model.mod_capacity cannot combine with router {self.router!r}: it hands per-token "
+                             "routing state from one MoE layer to the next, which tokens that skip a block break")
         if not isinstance(self.router_options, dict):
             raise ValueError(f"router options must be a mapping, got {short_repr(self.router_options)}")
 
@@ -211,7 +247,7 @@ class ModelConfig:
 
 # Fields a config may omit (to_dict leaves them out at these values): their default is the plain model.
 OPTIONAL_FIELDS = {"chain_iterations": 1, "expert_pool": "per_layer", "expert_widths": None, "reuse_window": 0,
-                   "reuse_schedule": None}
+                   "reuse_schedule": None, "mod_capacity": None, "mod_every": 2}
 
 
 class RMSNorm(nn.Module):
@@ -247,19 +283,30 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None = None, layer: int = 0) -> Tensor:
+    def forward(
+        self, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None = None, layer: int = 0, *,
+        positions_BL: Tensor | None = None, mask_B1LS: Tensor | None = None,
+    ) -> Tensor:
         """Causal (or, with `causal` False, bidirectional) self-attention over x; with `kv` (decoding, causal only),
-        over the cached slots of block `layer` and x."""
+        over the cached slots of block `layer` and x. Mixture-of-Depths blocks pass `positions_BL` (the rows'
+        own rotary positions, without kv: a gathered subsequence) or `mask_B1LS` (which keys each query sees,
+        replacing the causal pattern or kv's mask)."""
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
         if kv is None:
-            q, k = apply_rope(q, cos[:L], sin[:L]), apply_rope(k, cos[:L], sin[:L])
-            y_BHLK = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            if positions_BL is None:
+                cos, sin = cos[:L], sin[:L]
+            else:
+                cos, sin = cos[positions_BL][:, None], sin[positions_BL][:, None]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            causal = self.causal and mask_B1LS is None
+            y_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1LS, is_causal=causal)
         else:
             q, k = apply_rope(q, kv.cos_B1LK, kv.sin_B1LK), apply_rope(k, kv.cos_B1LK, kv.sin_B1LK)
             k, v = kv.cache.store(layer, k, v)
-            causal = kv.mask_B1LS is None and L > 1
-            y_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask_B1LS, is_causal=causal)
+            mask_B1LS = kv.mask_B1LS if mask_B1LS is None else mask_B1LS
+            causal = mask_B1LS is None and L > 1
+            y_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1LS, is_causal=causal)
         return self.proj(y_BHLK.transpose(1, 2).reshape(B, L, D))
 
 
@@ -286,11 +333,15 @@ class DenseSwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoELayer | None) -> None:
+    """attn_norm, attn, ffn_norm, ffn (an MoELayer or a DenseSwiGLU) and, on a Mixture-of-Depths block, `mod`
+    (the token selection, layers/depth.py; None elsewhere)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoELayer | None, *, routed: bool = False) -> None:
         super().__init__()
         self.attn_norm, self.ffn_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.n_heads)
         self.ffn: nn.Module = moe if moe is not None else DenseSwiGLU(cfg.d_model, cfg.dense_d_ff or cfg.d_ff)
+        self.mod = MixtureOfDepths(cfg.d_model, capacity=cfg.mod_capacity) if routed else None
 
 
 class MoETransformerLM(nn.Module):
@@ -338,7 +389,8 @@ class MoETransformerLM(nn.Module):
                 moe_layers[i] = MoELayer(cfg.d_model, cfg.d_ff, router(), shared_experts=cfg.shared_experts,
                                          experts=experts, candidate_schedule=schedule)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, moe_layers.get(i)) for i in range(cfg.n_layers))
+        routed = set(cfg.mod_block_indices())
+        self.blocks = nn.ModuleList(Block(cfg, moe_layers.get(i), routed=i in routed) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -358,8 +410,10 @@ class MoETransformerLM(nn.Module):
 
     @property
     def causal(self) -> bool:
-        """True when every MoE layer's router is causal (a token's routing depends only on it and earlier tokens)."""
-        return all(bool(layer.router.causal) for layer in self.moe_layers)
+        """True when every MoE layer's router is causal (a token's routing depends only on it and earlier tokens)
+        and, with Mixture-of-Depths, in eval mode (training selects each sequence's top-C, a causal predictor
+        selects in eval mode)."""
+        return not _non_causal(self)
 
     def _init_weights(self) -> None:
         # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2·n_layers). Expert banks and routers
@@ -396,6 +450,30 @@ class MoETransformerLM(nn.Module):
             capacity=capacity,
         )
 
+    def _routed_run(
+        self, block: Block, i: int, kv: _KVStep | None, ctx: RoutingContext | None
+    ) -> Callable[[Tensor, Tensor | None, Tensor | None], Tensor]:
+        """Block i as its `MixtureOfDepths` runs it: on the gathered top-C rows at their original rotary positions
+        (index_BC, training), or on every row with the skipped ones (run_BL False) hidden from attention and from
+        the MoE layer's routing (eval mode and decoding)."""
+        cos, sin = self.rope_cos, self.rope_sin
+
+        def run(x_BND: Tensor, index_BC: Tensor | None, run_BL: Tensor | None) -> Tensor:
+            if index_BC is not None:  # in position order, so the plain causal pattern is the subsequence's
+                sub = None if ctx is None else ctx.replace(token_ids=ctx.token_ids.gather(1, index_BC))
+                return _run_block(block, i, x_BND, cos, sin, None, sub, positions_BL=index_BC)[0]
+            if kv is not None:
+                mask_B1LS = kv.cache.routed_mask(i, run_BL)
+            else:
+                L = run_BL.shape[1]
+                causal_LL = torch.ones(L, L, dtype=torch.bool, device=run_BL.device).tril()
+                self_LL = torch.eye(L, dtype=torch.bool, device=run_BL.device)
+                mask_B1LS = ((causal_LL & run_BL[:, None, :]) | self_LL)[:, None]
+            sub = None if ctx is None else ctx.replace(padding_mask=~run_BL)  # skipped rows are not routed
+            return _run_block(block, i, x_BND, cos, sin, kv, sub, mask_B1LS=mask_B1LS)[0]
+
+        return run
+
     def forward(
         self,
         ids: Tensor,
@@ -414,7 +492,7 @@ class MoETransformerLM(nn.Module):
             raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
         if padding_mask is not None and cache is None:
             raise ValueError("padding_mask needs a decode cache (model.new_cache); training windows have no padding")
-        kv = None
+        kv, real_BL = None, None
         if cache is not None:
             if not self.causal:
                 raise ValueError(
@@ -427,8 +505,7 @@ class MoETransformerLM(nn.Module):
         x_BLD = self.embed(ids)
         state, moe_index = None, 0
         for i, block in enumerate(self.blocks):
-            x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), self.rope_cos, self.rope_sin, kv, i)
-            h_BLD = block.ffn_norm(x_BLD)
+            ctx = None
             if isinstance(block.ffn, MoELayer):
                 ctx = RoutingContext(
                     token_ids=ids,
@@ -439,11 +516,12 @@ class MoETransformerLM(nn.Module):
                     timestep=timestep,
                     cache=None if cache is None else cache.routers[moe_index],
                 )
-                y_BLD, decision = block.ffn.forward_with_decision(h_BLD, ctx)
-                state, moe_index = decision.state, moe_index + 1
-            else:
-                y_BLD = block.ffn(h_BLD)
-            x_BLD = x_BLD + y_BLD
+                moe_index += 1
+            if block.mod is None:
+                x_BLD, decision = _run_block(block, i, x_BLD, self.rope_cos, self.rope_sin, kv, ctx)
+                state = state if decision is None else decision.state
+            else:  # real_BL: None without a cache (whole sequences), the cache's real slots when decoding
+                x_BLD = block.mod(x_BLD, self._routed_run(block, i, kv, ctx), real_BL=real_BL)
         logits_BLV = F.linear(self.final_norm(x_BLD), self.embed.weight)
         if targets is None:
             return logits_BLV, None
@@ -451,10 +529,26 @@ class MoETransformerLM(nn.Module):
         return logits_BLV, lm_loss + total_aux_loss(self)
 
 
+def _run_block(
+    block: Block, i: int, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None, ctx: RoutingContext | None,
+    *, positions_BL: Tensor | None = None, mask_B1LS: Tensor | None = None,
+) -> tuple[Tensor, RoutingDecision | None]:
+    """One pre-norm block on x: x + attn(norm(x)), then + ffn(norm(·)); the MoE layer's decision (None: dense)."""
+    x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), cos, sin, kv, i, positions_BL=positions_BL, mask_B1LS=mask_B1LS)
+    h_BLD = block.ffn_norm(x_BLD)
+    if ctx is None:
+        return x_BLD + block.ffn(h_BLD), None
+    y_BLD, decision = block.ffn.forward_with_decision(h_BLD, ctx)
+    return x_BLD + y_BLD, decision
+
+
 def _non_causal(model: MoETransformerLM) -> list[str]:
-    """'layer i: router (why)' for each MoE layer whose router is not causal in the model's current mode."""
+    """'layer i: router (why)' for each MoE layer whose router is not causal in the model's current mode, and the
+    Mixture-of-Depths blocks in training mode."""
     found = []
     for i, layer in enumerate(model.moe_layers):
         if not layer.router.causal:
             found.append(f"MoE layer {i}'s router {type(layer.router).registry_name!r}")
+    found += [f"Mixture-of-Depths block {i} (top-C per sequence in training mode)"
+              for i, block in enumerate(model.blocks) if block.mod is not None and block.mod.training]
     return found

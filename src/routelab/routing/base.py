@@ -204,6 +204,9 @@ class Router(nn.Module):
     # True when routing reads RoutingContext.timestep (a diffusion time): only models that pass one (the diffusion
     # LM, the DiT) run such a router; an autoregressive LM cannot (it has no timestep to give).
     needs_timestep: ClassVar[bool] | bool = False
+    # True when decisions hand routing state (`RoutingDecision.state`, per token) to the next MoE layer: a model
+    # that gives a layer only some tokens (Mixture-of-Depths, `layers/depth.py`) cannot combine with such a router.
+    hands_on_state: ClassVar[bool] = False
     # A torch.distributed process group whose ranks see different tokens of one step (expert or data parallel),
     # set by `routelab.distributed.expert_parallel`; None: statistics are this process's own.
     statistics_group: Any = None

@@ -43,6 +43,7 @@ class PreGateRouter(Router):
     next layer's logits computed from this layer's input."""
 
     causal = True
+    hands_on_state = True
 
     def __init__(self, *, d_model: int, num_experts: int, k: int = 2, aux_loss_coef: float = 1e-2) -> None:
         super().__init__(d_model=d_model, num_experts=num_experts)

@@ -46,6 +46,7 @@ class RecurrentRouter(Router):
     """Per-layer W1 → shared recurrent cell over depth → per-layer W2 → softmax top-k."""
 
     causal = True
+    hands_on_state = True
 
     def __init__(
         self,

@@ -24,7 +24,9 @@ from routelab._atomic import atomic_write_text
 from routelab._runs import remove_stale_temporaries
 from routelab._checks import check_int, short_repr
 from routelab.data.dataset import TokenData
+from routelab.layers.depth import MixtureOfDepths
 from routelab.layers.moe import total_aux_loss
+from routelab.models.flops import block_flops_per_token
 from routelab.models.transformer import ModelConfig, MoETransformerLM
 from routelab.routing.base import update_routers
 from routelab.train import distributed
@@ -288,9 +290,16 @@ def evaluate(
 class RoutingStats:
     """Routing statistics of a model's MoE layers summed over evaluation forwards (one `add` after each forward,
     reading every layer's `last_decision`): load per layer and expert (overall and per domain), per-batch imbalance
-    max/mean and CV, experts per token, active expert FLOPs (widths and repeats counted), histogram, dropped share."""
+    max/mean and CV, experts per token, active expert FLOPs (widths and repeats counted), histogram, dropped share,
+    and the share of tokens each Mixture-of-Depths block processed, with the block FLOPs per token they add up to
+    (`models.flops`)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        self.config = model.config
+        self.mods = [m for m in model.modules() if isinstance(m, MixtureOfDepths)]  # one per routed block, in order
+        self.mod_processed = torch.zeros(len(self.mods), dtype=torch.float64)
+        self.mod_tokens = torch.zeros(len(self.mods), dtype=torch.float64)
+        self.mod_agreement = torch.zeros(len(self.mods), dtype=torch.float64)
         self.layers = model.moe_layers
         E = self.layers[0].router.num_experts if self.layers else model.config.num_experts  # ReXMoE routes over more
         n_layers = len(self.layers)
@@ -309,6 +318,10 @@ class RoutingStats:
         dom_load = self.load_by_domain.setdefault(domain, self.zeros_LE())
         self.n_batches += 1
         self.routed_tokens += tokens
+        for j, mod in enumerate(self.mods):
+            self.mod_processed[j] += mod.last_processed
+            self.mod_tokens[j] += mod.last_tokens
+            self.mod_agreement[j] += math.nan if mod.last_agreement is None else mod.last_agreement
         for j, layer in enumerate(self.layers):
             dec = layer.last_decision
             lj = dec.expert_load().double()
@@ -324,13 +337,22 @@ class RoutingStats:
 
     def result(self) -> dict[str, Any]:
         load = sum(self.load_by_domain.values(), self.zeros_LE())
+        processed_by_block = [1.0] * self.config.n_layers
+        for i, done, seen in zip(self.config.mod_block_indices(), self.mod_processed, self.mod_tokens):
+            processed_by_block[i] = (done / seen).item()
+        units = (self.expert_units / self.routed_tokens).tolist()
         return {
             "load": load.tolist(),
             "load_by_domain": {k: v.tolist() for k, v in self.load_by_domain.items()},
             "imbalance_max_over_mean": (self.max_over_mean / self.n_batches).tolist(),
             "imbalance_cv": (self.cv / self.n_batches).tolist(),
             "experts_per_token_by_layer": (self.assignments / self.routed_tokens).tolist(),
-            "active_expert_flops_by_layer": (self.expert_units / self.routed_tokens).tolist(),
+            "active_expert_flops_by_layer": units,
+            "processed_fraction_by_block": processed_by_block,
+            # per Mixture-of-Depths block: how often its causal predictor agreed with top-C membership
+            "mod_predictor_accuracy": (self.mod_agreement / self.mod_tokens).tolist(),
+            "block_flops_per_token": block_flops_per_token(self.config, processed_by_block=processed_by_block,
+                                                           expert_units_by_moe_layer=units),
             "experts_per_token_histogram": {str(k): v for k, v in sorted(self.ept_hist.items())},
             "dropped_fraction": (self.dropped.sum() / max(1.0, (self.assignments + self.dropped).sum())).item(),
             "routed_tokens_per_layer": self.routed_tokens,
