@@ -21,7 +21,10 @@ read bandwidth, measured in the same rounds by summing a 96 MiB tensor — and a
 block with the same weights. Ratios are per-round medians, as above; every timed call starts with cold caches (a 64 MiB
 buffer is read before it, untimed), as the streaming read does.
 
-`--threads 1,2` runs every section once per thread count (a sweep), in this one process.
+`--threads 1,2` runs every section once per thread count (a sweep), in this one process. With more than one thread
+the main, scaling and decode sections add `routelab_shared_threads`: the same layer with every per-expert op split
+across the intra-op threads instead of whole experts per thread (`dispatch/workers.py`), i.e. what routelab did
+before.
 
 Router overhead: every registered router (`routelab.list_routers()`, default options — plus the options a router
 requires, from REQUIRED_OPTIONS — E=64) timed alone in training mode on the T tokens as sequences of SEQ_LEN (the
@@ -113,10 +116,26 @@ def hf_available() -> str | None:
     return None
 
 
-def build_variants(E: int, k: int, d_ff: int, hf: bool) -> dict[str, torch.nn.Module]:
+class SharedThreads(LocalDispatcher):
+    """The local dispatcher without whole experts per thread: every per-expert op split across the intra-op threads
+    (what routelab did before; `dispatch/workers.py`)."""
+
+    def workers(self, *args) -> int:
+        return 1
+
+
+def build_shared_threads(E: int, k: int, d_ff: int) -> routelab.MoELayer:
+    layer = build_routelab(E, k, d_ff)  # the same weights (same seed)
+    layer.dispatcher = SharedThreads()
+    return layer
+
+
+def build_variants(E: int, k: int, d_ff: int, hf: bool, threads: int = 1) -> dict[str, torch.nn.Module]:
     layer = build_routelab(E, k, d_ff)
     torch.manual_seed(1)
     variants: dict[str, torch.nn.Module] = {"dense": DenseSwiGLU(D_MODEL, k * d_ff), "routelab": layer}
+    if threads > 1:
+        variants["routelab_shared_threads"] = build_shared_threads(E, k, d_ff)
     if hf:
         for impl in ("eager", "grouped_mm"):
             variants[f"hf_{impl}"] = HFBlock(layer, impl)
@@ -177,8 +196,8 @@ def ratios_to(times: dict[str, list[float]], base: str) -> dict[str, dict[str, f
     return out
 
 
-def time_shape(E: int, k: int, d_ff: int, T: int, rounds: int, hf: bool) -> dict:
-    variants = build_variants(E, k, d_ff, hf)
+def time_shape(E: int, k: int, d_ff: int, T: int, rounds: int, hf: bool, threads: int = 1) -> dict:
+    variants = build_variants(E, k, d_ff, hf, threads)
     diffs = check_outputs_match(variants, 256) if hf else {}
     x = torch.randn(T, D_MODEL, requires_grad=True)
     grad = torch.randn(T, D_MODEL)
@@ -189,7 +208,7 @@ def time_shape(E: int, k: int, d_ff: int, T: int, rounds: int, hf: bool) -> dict
     return result
 
 
-def time_decode(T: int, rounds: int, hf: bool) -> dict:
+def time_decode(T: int, rounds: int, hf: bool, threads: int = 1) -> dict:
     """Forward-only times at a decode-size batch, as ratios to the bandwidth floor of the experts it touches."""
     E, k, d_ff = DECODE_SHAPE
     layer = build_routelab(E, k, d_ff).eval()
@@ -205,6 +224,9 @@ def time_decode(T: int, rounds: int, hf: bool) -> dict:
         "routelab": lambda: step(layer, x, None),
         "routelab_loop": lambda: step(loop_layer, x, None),
     }
+    if threads > 1:
+        shared = build_shared_threads(E, k, d_ff).eval()
+        fns["routelab_shared_threads"] = lambda: step(shared, x, None)
     if hf:
         hf_eager = HFBlock(layer, "eager").eval()
         fns["hf_eager"] = lambda: step(hf_eager, x, None)
@@ -334,32 +356,36 @@ def run_sections(sections: set[str], args: argparse.Namespace, threads: int, rou
     print(f"\ntorch {torch.__version__}, {threads} threads, {args.clock} clock, fp32, T={T}, d_model={D_MODEL}, "
           f"{rounds} rounds" + ("" if hf else f"; transformers columns skipped: {hf_note}"))
     hf_decode, hf = hf, hf and not args.hf_decode_only
-    names = ["routelab", "dense"] + (["hf_eager", "hf_grouped_mm"] if hf else [])
+    names = ["routelab", "dense"] + (["routelab_shared_threads"] if threads > 1 else []) + (
+        ["hf_eager", "hf_grouped_mm"] if hf else [])
     cols = [f"{mode}:{n}" for mode in ("fwd_bwd", "fwd") for n in names if n != "dense"]
 
     if "main" in sections:
         shapes = MAIN_SHAPES[1:2] if args.quick else MAIN_SHAPES
-        report["main"] = [time_shape(E, k, f, T, rounds, hf) for E, k, f in shapes]
+        report["main"] = [time_shape(E, k, f, T, rounds, hf, threads) for E, k, f in shapes]
         print_table("Time as a ratio to dense (k·d_ff wide), median over rounds", report["main"], cols)
     if "scaling" in sections:
         es = SCALING_E[::3] if args.quick else SCALING_E
-        report["scaling"] = [time_shape(E, SCALING_K, SCALING_F, T, rounds, False) for E in es]
+        report["scaling"] = [time_shape(E, SCALING_K, SCALING_F, T, rounds, False, threads) for E in es]
         print_table(f"E grows at k={SCALING_K}, d_ff={SCALING_F} (routelab only)", report["scaling"],
-                    ["fwd_bwd:routelab", "fwd:routelab"])
+                    [c for c in cols if c.split(":")[1].startswith("routelab")])
     if "decode" in sections:
-        report["decode"] = [time_decode(t, max(rounds, 9), hf_decode) for t in DECODE_TOKENS]
+        report["decode"] = [time_decode(t, max(rounds, 9), hf_decode, threads) for t in DECODE_TOKENS]
         E, k, f = DECODE_SHAPE
         print(f"\nDecode shapes, forward only, E={E}, k={k}, d_ff={f}: time / bandwidth floor (touched expert bytes "
               "÷ streaming-read bandwidth, same rounds)")
-        print("| T | experts touched | floor | routelab | loop kernel | transformers eager | routelab speed-up vs eager |")
-        print("|---|---|---|---|---|---|---|")
+        shared_col = threads > 1
+        print("| T | experts touched | floor | routelab | loop kernel | " + ("shared threads | " if shared_col else "")
+              + "transformers eager | routelab speed-up vs eager |")
+        print("|---|---|---|---|---|---|---|" + ("---|" if shared_col else ""))
         for row in report["decode"]:
             v = row["vs_floor"]
             hf_cells = (f"{v['hf_eager']['ratio']:.2f}× ({v['hf_eager']['ms']:.2f} ms) | "
                         f"{row['speedup_vs_hf_eager']:.2f}×") if "hf_eager" in v else "— | —"
             print(f"| {row['T']} | {row['experts_touched']} | {v['floor']['ms']:.2f} ms "
                   f"({row['bandwidth_GBps']:.0f} GB/s) | {v['routelab']['ratio']:.2f}× ({v['routelab']['ms']:.2f} ms) | "
-                  f"{v['routelab_loop']['ratio']:.2f}× ({v['routelab_loop']['ms']:.2f} ms) | {hf_cells} |")
+                  f"{v['routelab_loop']['ratio']:.2f}× ({v['routelab_loop']['ms']:.2f} ms) | "
+                  + (f"{v['routelab_shared_threads']['ratio']:.2f}× | " if shared_col else "") + f"{hf_cells} |")
     if "memory" in sections:
         E, k, f = 64, 8, 256
         mem = measure_memory(E, k, f, T, names, threads)
