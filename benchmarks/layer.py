@@ -274,8 +274,9 @@ def _peak_rss_bytes() -> int:
 
 def memory_child(E: int, k: int, d_ff: int, T: int, name: str) -> None:
     """In a fresh process: the peak activation bytes of one fwd+bwd of variant `name`, printed as JSON."""
-    torch.set_num_threads(int(os.environ.get("ROUTELAB_BENCH_THREADS", "2")))
-    module = build_variants(E, k, d_ff, hf=name.startswith("hf_"))[name]
+    threads = int(os.environ.get("ROUTELAB_BENCH_THREADS", "2"))
+    torch.set_num_threads(threads)
+    module = build_variants(E, k, d_ff, hf=name.startswith("hf_"), threads=threads)[name]
     step(module, torch.randn(64, D_MODEL, requires_grad=True), torch.randn(64, D_MODEL))  # load every code path
     module.zero_grad(set_to_none=True)
     x = torch.randn(T, D_MODEL, requires_grad=True)

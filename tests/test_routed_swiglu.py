@@ -172,7 +172,7 @@ def test_bf16_stays_close_to_fp32():
 
 
 @pytest.mark.parametrize("sizes,workers", [([3, 0, 5, 1, 0, 7], 2), ([0, 0, 4], 3), ([1] * 9, 4), ([], 2),
-                                           ([0, 0], 2), ([100, 1, 1], 2), ([2, 2, 2, 2], 1)])
+                                           ([0, 0], 2), ([100, 1, 1], 2), ([2, 2, 2, 2], 1), ([5] * 8, 2)])
 def test_split_groups_cuts_the_groups_into_contiguous_runs(sizes, workers):
     """Every non-empty group lands in exactly one run, in expert order; at most `workers` runs, none empty (but
     one when there is nothing to do), and an expert's rows never straddle two runs."""
@@ -182,6 +182,8 @@ def test_split_groups_cuts_the_groups_into_contiguous_runs(sizes, workers):
     assert flat == [(e, starts[e], starts[e] + n) for e, n in enumerate(sizes) if n]
     assert 1 <= len(runs) <= max(1, workers)
     assert all(runs) or runs == [[]]
+    if sizes == [5] * 8:  # equal groups split evenly
+        assert [len(run) for run in runs] == [4, 4]
 
 
 def test_dispatcher_gives_threads_whole_experts_and_restores_the_thread_count():

@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routelab.dispatch.workers import in_parallel, split_groups, summed
-
 
 @functools.cache
 def grouped_mm_available(device_type: str) -> bool:
@@ -41,30 +39,14 @@ def grouped_mm_available(device_type: str) -> bool:
 
 
 def grouped_swiglu(
-    x_TD: Tensor, token_S: Tensor, weight_S: Tensor, group_sizes_E: Tensor, w_gate_up_ED2F: Tensor, w_down_EFD: Tensor,
-    *, workers: int = 1,
+    x_TD: Tensor, token_S: Tensor, weight_S: Tensor, group_sizes_E: Tensor, w_gate_up_ED2F: Tensor, w_down_EFD: Tensor
 ) -> Tensor:
     """y [T, D] = Σ over assignments of weight · SwiGLU expert(x row); assignments sorted by expert, group_sizes_E
-    a LongTensor [E] of rows per expert. fp32 tensors; call only where `grouped_mm_available`. workers > 1: the
-    experts are cut into contiguous runs computed on their own threads (`dispatch/workers.py`; this reads the group
-    sizes on the host), so that each thread streams its own experts' weights."""
-    weight_S = weight_S.to(x_TD.dtype)
-    if workers == 1:
-        return _grouped(None, x_TD, token_S, weight_S, group_sizes_E, w_gate_up_ED2F, w_down_EFD)
-    runs = split_groups(group_sizes_E.tolist(), workers)
-    return summed(in_parallel(_grouped, runs, x_TD, token_S, weight_S, group_sizes_E, w_gate_up_ED2F, w_down_EFD))
-
-
-def _grouped(run, x_TD, token_S, weight_S, group_sizes_E, w_gate_up, w_down):
-    """The experts of `run` (a list of (expert, start, end) groups; None: every expert) through two grouped matmuls."""
-    if run is not None and run:
-        (e0, s0, _), (e_last, _, s1) = run[0], run[-1]
-        token_S, weight_S, group_sizes_E = token_S[s0:s1], weight_S[s0:s1], group_sizes_E[e0 : e_last + 1]
-        w_gate_up, w_down = w_gate_up[e0 : e_last + 1], w_down[e0 : e_last + 1]
-    F_ = w_down.shape[1]
+    a LongTensor [E] of rows per expert. fp32 tensors; call only where `grouped_mm_available`."""
+    F_ = w_down_EFD.shape[1]
     offsets_E = torch.cumsum(group_sizes_E, 0, dtype=torch.int32)
     x_SD = x_TD.index_select(0, token_S)
-    h_S2F = torch._grouped_mm(x_SD, w_gate_up, offs=offsets_E)
-    act_SF = F.silu(h_S2F[:, :F_]).mul_(h_S2F[:, F_:]).mul_(weight_S[:, None])
-    y_SD = torch._grouped_mm(act_SF, w_down, offs=offsets_E)
+    h_S2F = torch._grouped_mm(x_SD, w_gate_up_ED2F, offs=offsets_E)
+    act_SF = F.silu(h_S2F[:, :F_]).mul_(h_S2F[:, F_:]).mul_(weight_S.to(x_TD.dtype)[:, None])
+    y_SD = torch._grouped_mm(act_SF, w_down_EFD, offs=offsets_E)
     return x_TD.new_zeros(x_TD.shape).index_add_(0, token_S, y_SD)

@@ -25,10 +25,10 @@ DECODE_MAX_GATHERED = 1 << 22
 # matmul) take `dispatch/grouped_swiglu.py`: no per-expert loop, no host sync. Above it the loop of
 # `routed_swiglu` wins (measured at E=64 and 128, k=8, d=512: the crossover lies between 8 and 16 rows per expert).
 GROUPED_MAX_ROWS_PER_EXPERT = 12
-# With more than one intra-op thread, calls through the loop or grouped kernel with at least this much work (the
-# multiply-adds plus the expert-weight elements read: (S + touched experts)·3·D·F, touched ≤ min(E, S)) give each
-# thread whole experts (`dispatch/workers.py`); below it a thread's share is too small to pay for handing it over
-# (a decode step of the default compare model is ~10^5; one token at E=64, d_ff=256, d=512 is ~6·10^6).
+# With more than one intra-op thread, calls through the loop kernel with at least this much work (the multiply-adds
+# plus the expert-weight elements read: (S + touched experts)·3·D·F, touched ≤ min(E, S)) give each thread whole
+# experts (`dispatch/workers.py`); below it a thread's share is too small to pay for handing it over (a training
+# step of the default compare model is ~2.5·10^7 per layer, one of its decode steps ~10^5).
 SPLIT_MIN_WORK = 1 << 22
 
 
@@ -87,8 +87,7 @@ class LocalDispatcher(Dispatcher):
         E, D, F2 = w_gate_up_ED2F.shape
         if self.takes_grouped_path(decision.num_assignments, E, x_TD, w_gate_up_ED2F, w_down_EFD):
             plan = make_plan(decision)
-            return grouped_swiglu(x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E, w_gate_up_ED2F, w_down_EFD,
-                                  workers=self.workers(decision.num_assignments, E, D, F2 // 2, x_TD.device))
+            return grouped_swiglu(x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E, w_gate_up_ED2F, w_down_EFD)
         if self.takes_decode_path(decision.num_assignments, D, F2 // 2):
             return gathered_swiglu(x_TD, decision.token_index, decision.expert_index, decision.weight, w_gate_up_ED2F,
                                    w_down_EFD)
@@ -99,8 +98,8 @@ class LocalDispatcher(Dispatcher):
         )
 
     def workers(self, num_assignments: int, num_experts: int, d_model: int, d_ff: int, device: torch.device) -> int:
-        """Threads that each own whole experts in the loop and grouped kernels: on the CPU, the intra-op thread count
-        for calls of at least `SPLIT_MIN_WORK` outside autocast (its state is per thread), else 1."""
+        """Threads that each own whole experts in the loop kernel: on the CPU, the intra-op thread count for calls of
+        at least `SPLIT_MIN_WORK` outside autocast (its state is per thread), else 1."""
         threads = torch.get_num_threads()
         work = (num_assignments + min(num_experts, num_assignments)) * 3 * d_model * d_ff
         if threads == 1 or work < SPLIT_MIN_WORK or device.type != "cpu" or torch.is_autocast_enabled("cpu"):

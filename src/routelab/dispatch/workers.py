@@ -7,6 +7,10 @@ and under load the per-op thread barriers cost more still. Here the groups are c
 S/W rows; the first run is computed on the calling thread and the others on pool threads, all with one intra-op
 thread, and the caller's thread count is restored when every run is done.
 
+Used by the loop kernel (`dispatch/routed_swiglu.py`: training, large forwards). Not by the grouped kernel of
+decode-size forwards: there the work is streaming the touched experts' weights, which the intra-op threads of each
+small matmul already share, and the split measured slower (benchmarks/layer.py's decode shapes, 2 threads).
+
 Shape legend: S rows (sorted by expert).
 """
 
@@ -21,12 +25,14 @@ from routelab.dispatch.groups import expert_groups
 
 
 def split_groups(group_sizes: list[int], workers: int) -> list[list[tuple[int, int, int]]]:
-    """The non-empty (expert, start, end) groups cut into at most `workers` contiguous runs of about equal rows."""
+    """The non-empty (expert, start, end) groups cut into at most `workers` contiguous runs of about equal rows: a
+    group opens the next run when its middle row lies past that run's share of the rows (so eight equal groups go
+    four and four, not five and three)."""
     groups = list(expert_groups(group_sizes))
     total = groups[-1][2] if groups else 0
     runs: list[list[tuple[int, int, int]]] = [[]]
     for group in groups:
-        if runs[-1] and len(runs) < workers and group[1] >= total * len(runs) / workers:
+        if runs[-1] and len(runs) < workers and group[1] + group[2] >= 2 * total * len(runs) / workers:
             runs.append([])
         runs[-1].append(group)
     return runs
