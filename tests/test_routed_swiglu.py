@@ -198,8 +198,6 @@ def test_dispatcher_gives_threads_whole_experts_and_restores_the_thread_count():
     torch.set_num_threads(2)
     try:
         assert DISPATCHER.workers(decision.num_assignments, E, D, F, x.device) == 2
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert DISPATCHER.workers(decision.num_assignments, E, D, F, x.device) == 1  # per-thread state
         assert DISPATCHER.workers(100, E, D, F, x.device) == 1
         y = DISPATCHER.fused(x, dataclasses.replace(decision, weight=weight), bank)
         grads = torch.autograd.grad(y.square().sum(), [x, weight, bank.w_gate_up, bank.w_down])
@@ -212,3 +210,32 @@ def test_dispatcher_gives_threads_whole_experts_and_restores_the_thread_count():
     ref_grads = torch.autograd.grad(y_ref.square().sum(), [x_ref, weight_ref, wgu_ref, wd_ref])
     for name, g, g_ref in zip(["x", "weight", "w_gate_up", "w_down"], grads, ref_grads):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_autocast_runs_the_experts_in_its_dtype(threads):
+    """Under torch.autocast the routed experts compute as autocast computes a matmul: in bf16, the gradients flowing
+    back to the fp32 parameters. Reference: the fp64 per-assignment loop on the bf16-rounded input and weights."""
+    T, E, k, D, F = 200, 8, 6, 48, 40  # at 2 threads the split path runs too
+    decision = _random_decision(T, E, k, seed=13, dtype=torch.float32)
+    bank = _bank(E, D, F, seed=13, dtype=torch.float32)
+    x = torch.randn(T, D, requires_grad=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = DISPATCHER.fused(x, decision, bank)
+        y.float().square().sum().backward()
+    finally:
+        torch.set_num_threads(previous)
+    assert y.dtype == torch.bfloat16
+    assert x.grad.dtype == torch.float32 and bank.w_gate_up.grad.dtype == torch.float32
+    rounded = [t.detach().to(torch.bfloat16).double().requires_grad_(True) for t in (x, bank.w_gate_up, bank.w_down)]
+    y_ref = _reference(rounded[0], dataclasses.replace(decision, weight=decision.weight.double()), *rounded[1:])
+    def relative_error(got, want):  # bf16 keeps ~3 significant digits: compare whole tensors, not elements
+        return float((got.double() - want).norm() / want.norm().detach())
+
+    assert relative_error(y.detach(), y_ref.detach()) < 1e-2
+    y_ref.square().sum().backward()
+    for name, got, ref in zip(("x", "w_gate_up", "w_down"), (x.grad, bank.w_gate_up.grad, bank.w_down.grad), rounded):
+        assert relative_error(got, ref.grad) < 2e-2, name

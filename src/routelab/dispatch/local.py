@@ -84,6 +84,17 @@ class LocalDispatcher(Dispatcher):
 
     def fused(self, x_TD: Tensor, decision: RoutingDecision, experts: nn.Module) -> Tensor:
         w_gate_up_ED2F, w_down_EFD = experts.swiglu_weights()
+        device = x_TD.device.type
+        if torch.is_autocast_enabled(device):
+            # As autocast runs a matmul: inputs and weights in its dtype (the casts carry gradients back to the
+            # parameters' dtype). Inside, autocast is off, so every op of the kernels sees one dtype (with it on,
+            # some matmuls came out in bf16 and the fp32 accumulation refused them).
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return self._fused(x_TD.to(dtype), decision, w_gate_up_ED2F.to(dtype), w_down_EFD.to(dtype))
+        return self._fused(x_TD, decision, w_gate_up_ED2F, w_down_EFD)
+
+    def _fused(self, x_TD: Tensor, decision: RoutingDecision, w_gate_up_ED2F: Tensor, w_down_EFD: Tensor) -> Tensor:
         E, D, F2 = w_gate_up_ED2F.shape
         if self.takes_grouped_path(decision.num_assignments, E, x_TD, w_gate_up_ED2F, w_down_EFD):
             plan = make_plan(decision)
@@ -99,10 +110,10 @@ class LocalDispatcher(Dispatcher):
 
     def workers(self, num_assignments: int, num_experts: int, d_model: int, d_ff: int, device: torch.device) -> int:
         """Threads that each own whole experts in the loop kernel: on the CPU, the intra-op thread count for calls of
-        at least `SPLIT_MIN_WORK` outside autocast (its state is per thread), else 1."""
+        at least `SPLIT_MIN_WORK`, else 1. (Autocast, whose state is per thread, is off inside the kernels.)"""
         threads = torch.get_num_threads()
         work = (num_assignments + min(num_experts, num_assignments)) * 3 * d_model * d_ff
-        if threads == 1 or work < SPLIT_MIN_WORK or device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        if threads == 1 or work < SPLIT_MIN_WORK or device.type != "cpu":
             return 1
         return threads
 
