@@ -198,7 +198,8 @@ def test_dispatcher_gives_threads_whole_experts_and_restores_the_thread_count():
     torch.set_num_threads(2)
     try:
         assert DISPATCHER.workers(decision.num_assignments, E, D, F, x.device) == 2
-        assert DISPATCHER.workers(100, E, D, F, x.device) == 1
+        assert DISPATCHER.workers(100, E, D, F, x.device) == 1  # too little work
+        assert DISPATCHER.workers(8 * 600, E, D, F, x.device) == 1  # 600 rows per expert: coarse experts
         y = DISPATCHER.fused(x, dataclasses.replace(decision, weight=weight), bank)
         grads = torch.autograd.grad(y.square().sum(), [x, weight, bank.w_gate_up, bank.w_down])
         assert torch.get_num_threads() == 2

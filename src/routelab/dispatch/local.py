@@ -30,6 +30,11 @@ GROUPED_MAX_ROWS_PER_EXPERT = 12
 # experts (`dispatch/workers.py`); below it a thread's share is too small to pay for handing it over (a training
 # step of the default compare model is ~2.5·10^7 per layer, one of its decode steps ~10^5).
 SPLIT_MIN_WORK = 1 << 22
+# ... and only while the experts are fine-grained: at most this many rows per expert on average. Above it one
+# expert's matmuls are large enough to share two threads well, and the split's extra output buffers and uneven runs
+# cost more than it saves (measured at 2 threads, T=4096, d=512: E=8 and 32 with 1024–4096 rows per expert gained
+# nothing or lost up to 0.1× dense; E=64 with 512 gained 0.07×, E=128 0.2×, E=256 0.4×).
+SPLIT_MAX_ROWS_PER_EXPERT = 512
 
 
 class LocalDispatcher(Dispatcher):
@@ -110,10 +115,12 @@ class LocalDispatcher(Dispatcher):
 
     def workers(self, num_assignments: int, num_experts: int, d_model: int, d_ff: int, device: torch.device) -> int:
         """Threads that each own whole experts in the loop kernel: on the CPU, the intra-op thread count for calls of
-        at least `SPLIT_MIN_WORK`, else 1. (Autocast, whose state is per thread, is off inside the kernels.)"""
+        at least `SPLIT_MIN_WORK` with at most `SPLIT_MAX_ROWS_PER_EXPERT` rows per expert on average, else 1.
+        (Autocast, whose state is per thread, is off inside the kernels.)"""
         threads = torch.get_num_threads()
         work = (num_assignments + min(num_experts, num_assignments)) * 3 * d_model * d_ff
-        if threads == 1 or work < SPLIT_MIN_WORK or device.type != "cpu":
+        coarse = num_assignments > SPLIT_MAX_ROWS_PER_EXPERT * num_experts
+        if threads == 1 or work < SPLIT_MIN_WORK or coarse or device.type != "cpu":
             return 1
         return threads
 
