@@ -16,7 +16,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "batch order and token budget, and write a report folder (report.md, results.json, plots, config.yaml).",
     )
     parser.add_argument("--preset", default="default", help="smoke (under a minute), default (about 10 minutes), "
-                         "depth (routing across layers and depth, 3 seeds), paper (about an hour, estimated; 3 seeds) "
+                         "depth (routing across layers and depth, 3 seeds), paper (40–60 minutes, measured; 3 seeds) "
                          "or diffusion (a masked-diffusion LM, a few minutes) (default: %(default)s)")
     parser.add_argument("--routers", nargs="+", metavar="NAME",
                          help="variants or routers to run, comma- or space-separated (default: every preset entry "
