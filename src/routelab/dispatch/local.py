@@ -15,7 +15,6 @@ from routelab.dispatch.permute import DispatchPlan, combine, make_plan
 from routelab.dispatch.routed_swiglu import routed_swiglu
 from routelab.routing.base import RoutingDecision
 
-
 # The tiny-S inference path serves decoding (S = batch·k assignments) and never a training-size batch or large
 # experts: at most this many assignments, and at most this many expert-weight elements gathered (16 MiB in fp32).
 # It agrees with the sort-based kernel to rounding, not bit for bit (tests/test_gathered_swiglu.py).

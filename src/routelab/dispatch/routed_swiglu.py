@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routelab.dispatch.groups import expert_groups
 from routelab.dispatch.workers import in_parallel, split_groups, summed
 
 

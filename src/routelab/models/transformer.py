@@ -24,8 +24,8 @@ attention and routing (eval mode, decoding: the cache records per routed block w
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -44,7 +44,6 @@ from routelab.models.kv_cache import DecodeCache
 from routelab.models.schedules import SHAPES, k_schedule
 from routelab.routing.base import RoutingContext, RoutingDecision
 from routelab.routing.registry import create_router, router_class, router_options
-
 
 EXPERT_POOLS = ("per_layer", "unipool", "rexmoe")
 MAX_CHAIN_ITERATIONS = 16
