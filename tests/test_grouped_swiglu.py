@@ -53,19 +53,20 @@ def test_grouped_swiglu_equals_the_loop_kernel_and_an_fp64_loop(T, k, E):
 
 def test_layer_takes_the_grouped_path_for_fp32_inference_with_few_rows_per_expert(monkeypatch):
     torch.manual_seed(0)
-    layer = routelab.MoELayer(16, 24, routelab.create_router("topk", d_model=16, num_experts=4, k=2))
+    D = 128  # 6 assignments · 128 · 3·128 weight elements > GATHER_FIRST_MAX_ELEMENTS: not the tiniest calls
+    layer = routelab.MoELayer(D, 128, routelab.create_router("topk", d_model=D, num_experts=4, k=2))
     calls = []
     real = local_module.grouped_swiglu
     monkeypatch.setattr(local_module, "grouped_swiglu", lambda *a: calls.append(a[1].numel()) or real(*a))
-    x = torch.randn(3, 16)
+    x = torch.randn(3, D)
     with_grad = layer(x)
     assert calls == []  # autograd needs the custom function's backward
     with torch.no_grad():
         fast = layer(x)
         assert calls == [6]
-        layer(torch.randn(24, 16))  # 48 assignments = 12 per expert: still grouped
+        layer(torch.randn(24, D))  # 48 assignments = 12 per expert: still grouped
         assert calls == [6, 48]
-        layer(torch.randn(25, 16))  # 50 > GROUPED_MAX_ROWS_PER_EXPERT · E: the loop kernel
+        layer(torch.randn(25, D))  # 50 > GROUPED_MAX_ROWS_PER_EXPERT · E: the loop kernel
         layer.double()(x.double())  # fp64: the loop kernel (the CPU grouped matmul is fp32 only)
         layer.float()
         layer.dispatcher = LocalDispatcher(decode_fast_path=False)
@@ -73,3 +74,23 @@ def test_layer_takes_the_grouped_path_for_fp32_inference_with_few_rows_per_exper
         assert calls == [6, 48]
     torch.testing.assert_close(fast, with_grad.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
+
+
+def test_the_tiniest_calls_gather_first(monkeypatch):
+    """A decode step of a small model (S·D·3F ≤ GATHER_FIRST_MAX_ELEMENTS) takes the tiny-S kernel even where the
+    grouped matmul is there (measured faster, benchmarks/decode.py), and agrees with the grouped kernel."""
+    torch.manual_seed(0)
+    layer = routelab.MoELayer(16, 24, routelab.create_router("topk", d_model=16, num_experts=4, k=2))
+    calls = []
+    for name in ("grouped_swiglu", "gathered_swiglu"):
+        real = getattr(local_module, name)
+        monkeypatch.setattr(local_module, name,
+                            lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        tiny = layer(x)
+        assert calls == ["gathered_swiglu"]
+        monkeypatch.setattr(local_module, "GATHER_FIRST_MAX_ELEMENTS", 0)
+        grouped = layer(x)
+        assert calls == ["gathered_swiglu", "grouped_swiglu"]
+    torch.testing.assert_close(tiny, grouped, atol=1e-6, rtol=0)

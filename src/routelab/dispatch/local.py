@@ -24,6 +24,12 @@ DECODE_MAX_GATHERED = 1 << 22
 # matmul) take `dispatch/grouped_swiglu.py`: no per-expert loop, no host sync. Above it the loop of
 # `routed_swiglu` wins (measured at E=64 and 128, k=8, d=512: the crossover lies between 8 and 16 rows per expert).
 GROUPED_MAX_ROWS_PER_EXPERT = 12
+# ... except the tiniest calls, which gather their experts' weights (`gathered_swiglu`) even where the grouped matmul
+# is there: at most this many weight elements gathered (1 MiB in fp32), fewer than the grouped kernel's per-group
+# overhead costs (its C++ loop visits every expert group, empty ones too). Measured with benchmarks/decode.py's model
+# (d=64, d_ff=128, E=8, k=2): batch 1 (6·10^4 elements) decodes at 0.53× dense gathered against 0.48× grouped;
+# batch 8 (4·10^5) at 0.45× against 0.52×.
+GATHER_FIRST_MAX_ELEMENTS = 1 << 18
 # With more than one intra-op thread, calls through the loop kernel with at least this much work (the multiply-adds
 # plus the expert-weight elements read: (S + touched experts)·3·D·F, touched ≤ min(E, S)) give each thread whole
 # experts (`dispatch/workers.py`); below it a thread's share is too small to pay for handing it over (a training
@@ -72,11 +78,18 @@ class LocalDispatcher(Dispatcher):
         return experts.swiglu_weights() is not None
 
     def takes_grouped_path(self, num_assignments: int, num_experts: int, *tensors: Tensor) -> bool:
-        """Whether `fused` runs a forward through the grouped-matmul kernel (`grouped_swiglu`): inference, fp32
-        `tensors`, few rows per expert, a torch with a grouped matmul. Checked before `takes_decode_path`; a bank
-        that fetches its weights (offloading) makes the same choice."""
+        """Whether the grouped-matmul kernel (`grouped_swiglu`) can run a forward: inference, fp32 `tensors`, few rows
+        per expert, a torch with a grouped matmul. `fused` takes it unless `gathers_first`, before
+        `takes_decode_path`; a bank that fetches its weights (offloading) makes the same choice."""
         return (self.decode_fast_path and not torch.is_grad_enabled()
                 and num_assignments <= GROUPED_MAX_ROWS_PER_EXPERT * num_experts and _grouped_ok(*tensors))
+
+    def gathers_first(self, num_assignments: int, d_model: int, d_ff: int) -> bool:
+        """Whether `fused` sends a forward to the tiny-S kernel before considering the grouped one (a bank that
+        fetches its weights makes the same choice): a decode-path call gathering at most
+        `GATHER_FIRST_MAX_ELEMENTS` weight elements."""
+        small = num_assignments * d_model * 3 * d_ff <= GATHER_FIRST_MAX_ELEMENTS
+        return small and self.takes_decode_path(num_assignments, d_model, d_ff)
 
     def takes_decode_path(self, num_assignments: int, d_model: int, d_ff: int) -> bool:
         """Whether `fused` runs a forward of this many assignments through the tiny-S kernel (`gathered_swiglu`)
@@ -100,7 +113,8 @@ class LocalDispatcher(Dispatcher):
 
     def _fused(self, x_TD: Tensor, decision: RoutingDecision, w_gate_up_ED2F: Tensor, w_down_EFD: Tensor) -> Tensor:
         E, D, F2 = w_gate_up_ED2F.shape
-        if self.takes_grouped_path(decision.num_assignments, E, x_TD, w_gate_up_ED2F, w_down_EFD):
+        grouped = self.takes_grouped_path(decision.num_assignments, E, x_TD, w_gate_up_ED2F, w_down_EFD)
+        if grouped and not self.gathers_first(decision.num_assignments, D, F2 // 2):
             plan = make_plan(decision)
             return grouped_swiglu(x_TD, plan.token_S, plan.weight_S, plan.group_sizes_E, w_gate_up_ED2F, w_down_EFD)
         if self.takes_decode_path(decision.num_assignments, D, F2 // 2):

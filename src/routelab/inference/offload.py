@@ -369,7 +369,8 @@ class OffloadDispatcher(LocalDispatcher):
         try:
             # NOTE: the same choice of kernel as LocalDispatcher.fused makes for the resident bank, so the arithmetic,
             # and the outputs, are the resident model's.
-            if self.takes_grouped_path(decision.num_assignments, E, x_TD):
+            grouped = self.takes_grouped_path(decision.num_assignments, E, x_TD)
+            if grouped and not self.gathers_first(decision.num_assignments, D, F_):
                 plan = make_plan(decision)
                 sizes = plan.group_sizes_E.tolist()
                 needed = [e for e, n in enumerate(sizes) if n]
