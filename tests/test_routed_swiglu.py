@@ -2,6 +2,8 @@
 every gradient against a per-assignment loop in fp64; the expert bank's fused and generic paths agree."""
 
 import dataclasses
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -240,3 +242,30 @@ def test_cpu_autocast_runs_the_experts_in_its_dtype(threads):
     y_ref.square().sum().backward()
     for name, got, ref in zip(("x", "w_gate_up", "w_down"), (x.grad, bank.w_gate_up.grad, bank.w_down.grad), rounded):
         assert relative_error(got, ref.grad) < 2e-2, name
+
+
+def _split_in_child(queue, args):
+    queue.put(routed_swiglu(*args, workers=2).tolist())  # plain floats: a tensor would travel as shared memory
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_splits_experts_too():
+    """The worker pool's threads do not survive fork: a child process (multiprocessing's fork start method) that
+    splits experts after its parent did must get its own pool, not wait forever on the parent's."""
+    decision = _random_decision(40, 8, 2, seed=17, dtype=torch.float32)
+    plan = make_plan(decision)
+    bank = _bank(8, 12, 10, seed=17, dtype=torch.float32)
+    args = (torch.randn(40, 12), plan.token_S, plan.weight_S, plan.group_sizes_E.tolist(), bank.w_gate_up.detach(),
+            bank.w_down.detach())
+    parent = routed_swiglu(*args, workers=2)  # the parent's pool exists now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_split_in_child, args=(queue, args))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    torch.testing.assert_close(torch.tensor(got), parent, rtol=0, atol=0)
