@@ -682,7 +682,7 @@ def test_routelab_serve_process_answers_the_openai_client(upstreams, tmp_path):
             except queue.Empty:
                 assert proc.poll() is None, f"routelab serve exited: {seen}"
                 continue
-            if found := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", seen[-1]):
+            if found := re.search(r"Uvicorn running on http://" + re.escape("127.0.0.1") + r":(\d+)", seen[-1]):
                 port = int(found.group(1))
         assert seen[0].startswith("routelab serve: models strong, weak; routers none; default none;")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN, max_retries=0, timeout=20)
