@@ -52,15 +52,9 @@ class DecodeCache:
         positions_BL = (self.positions_B[:, None] + real_BL.long().cumsum(1) - 1).clamp_min(0)
         self.positions_B += real_BL.sum(1)
         self.has_padding = self.has_padding or not bool(real_BL.all())
-        S = self.length
         if not self.has_padding and (L == 1 or start == 0):
             return positions_BL, None
-        slot_S = torch.arange(S, device=real_BL.device)
-        query_L = torch.arange(start, S, device=real_BL.device)
-        causal_LS = slot_S[None, :] <= query_L[:, None]
-        # A query always sees itself, so a padding query has a non-empty softmax (its output is never used).
-        allowed_BLS = (self.real_BS[:, None, :S] & causal_LS) | (slot_S[None, :] == query_L[:, None])
-        return positions_BL, allowed_BLS[:, None]
+        return positions_BL, self._mask(self.real_BS)
 
     def routed_mask(self, layer: int, run_BL: Tensor) -> Tensor:
         """Record which of this call's L tokens run block `layer` (run_BL, False for padding) and return that
@@ -70,11 +64,17 @@ class DecodeCache:
         if done_BS is None:
             done_BS = self.processed[layer] = torch.zeros(self.batch_size, self.capacity, dtype=torch.bool, device=run_BL.device)
         done_BS[:, self._start : self.length] = run_BL & self.real_BS[:, self._start : self.length]
+        return self._mask(done_BS)
+
+    def _mask(self, visible_BS: Tensor) -> Tensor:
+        """[B, 1, L, S]: each of this call's queries sees the filled slots at or before its own that are visible
+        (visible_BS), and itself, so that a query on a hidden slot (padding, a skipped token) has a non-empty softmax
+        (its output is never used)."""
         S = self.length
-        slot_S = torch.arange(S, device=run_BL.device)
-        query_L = torch.arange(self._start, S, device=run_BL.device)
+        slot_S = torch.arange(S, device=visible_BS.device)
+        query_L = torch.arange(self._start, S, device=visible_BS.device)
         causal_LS = slot_S[None, :] <= query_L[:, None]
-        allowed_BLS = (done_BS[:, None, :S] & causal_LS) | (slot_S[None, :] == query_L[:, None])
+        allowed_BLS = (visible_BS[:, None, :S] & causal_LS) | (slot_S[None, :] == query_L[:, None])
         return allowed_BLS[:, None]
 
     def store(self, layer: int, k_BHLD: Tensor, v_BHLD: Tensor) -> tuple[Tensor, Tensor]:
