@@ -179,10 +179,10 @@ def mod_section(variants: list[dict[str, Any]], model: dict[str, Any]) -> list[s
     for v in variants:
         runs = v.get("runs") or [v]
         capacity = {**model, **(v.get("model") or {})}.get("mod_capacity")
-        if capacity is None or not runs[0].get("mod_predictor_accuracy"):
-            continue
+        if capacity is None or not runs[0].get("mod_predictor_accuracy") or "mod_blocks" not in runs[0]:
+            continue  # (a result stored before these fields existed has nothing to show here)
         processed = [r["processed_fraction_by_block"] for r in runs]
-        for n, i in enumerate(_routed_blocks(v, model)):
+        for n, i in enumerate(runs[0]["mod_blocks"]):
             rows.append(f"| {v['name']} | {i} | {capacity} | " + ", ".join(_f(p[i], 2) for p in processed)
                         + " | " + ", ".join(_f(r["mod_predictor_accuracy"][n], 2) for r in runs) + " |")
     if not rows:
@@ -192,12 +192,6 @@ def mod_section(variants: list[dict[str, Any]], model: dict[str, Any]) -> list[s
             "share of validation tokens it let through, and how often it agreed with top-C membership.", "",
             "| variant | block | capacity (training) | processed in evaluation | predictor agrees with top-C |",
             "|---|---:|---:|---|---|"] + rows
-
-
-def _routed_blocks(v: dict[str, Any], model: dict[str, Any]) -> list[int]:
-    fields = {**model, **(v.get("model") or {})}
-    every = fields.get("mod_every", 2)
-    return [i for i in range(fields["n_layers"]) if (i + 1) % every == 0]
 
 
 def diffusion_section(variants: list[dict[str, Any]], reference_k: int) -> list[str]:

@@ -423,6 +423,7 @@ def block_flops_fields(final: dict[str, Any], mc: ModelConfig, reference_k: int)
     return {
         "active_block_flops_vs_topk": final["block_flops_per_token"] / reference_block_flops_per_token(mc, reference_k),
         "processed_fraction_by_block": final["processed_fraction_by_block"],
+        "mod_blocks": mc.mod_block_indices(),
         "mod_predictor_accuracy": final["mod_predictor_accuracy"],
     }
 
