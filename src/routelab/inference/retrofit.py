@@ -106,24 +106,25 @@ def _check_model(model: nn.Module) -> None:
 
 
 def _run_block(model: nn.Module, i: int, x_BLD: Tensor, ids_BL: Tensor) -> tuple[Tensor, float]:
-    """Block i once, as `MoETransformerLM.forward` runs it; (new x, routed-expert units spent)."""
+    """Block i once, as `MoETransformerLM.forward` runs it (`models.transformer.run_block`); (new x, routed-expert
+    units spent)."""
     from routelab.layers.moe import MoELayer
+    from routelab.models.transformer import run_block
     from routelab.routing.base import RoutingContext
     from routelab.train.loop import active_expert_units
 
     block = model.blocks[i]
-    x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), model.rope_cos, model.rope_sin)
-    h_BLD = block.ffn_norm(x_BLD)
-    if not isinstance(block.ffn, MoELayer):
-        return x_BLD + block.ffn(h_BLD), 0.0
-    moe_index = sum(isinstance(b.ffn, MoELayer) for b in model.blocks[:i])
-    ctx = RoutingContext(token_ids=ids_BL, layer_index=moe_index)
-    y_BLD, decision = block.ffn.forward_with_decision(h_BLD, ctx)
+    ctx = None
+    if isinstance(block.ffn, MoELayer):
+        ctx = RoutingContext(token_ids=ids_BL, layer_index=sum(isinstance(b.ffn, MoELayer) for b in model.blocks[:i]))
+    x_BLD, decision = run_block(block, i, x_BLD, model.rope_cos, model.rope_sin, None, ctx)
+    if decision is None:
+        return x_BLD, 0.0
     if decision.state is not None:
         raise ValueError(f"block {i}'s router {type(block.ffn.router).__name__} hands a state to the next MoE layer; "
                          "retrofitted skip/repeat routing needs routers without one (a skipped or repeated block has "
                          "no single previous layer)")
-    return x_BLD + y_BLD, active_expert_units(block.ffn, decision)
+    return x_BLD, active_expert_units(block.ffn, decision)
 
 
 def _logits(model: nn.Module, x_BLD: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ Incremental decoding: `forward(ids, cache=model.new_cache(B, capacity))` runs th
 router that reads earlier tokens finds them there). Only causal routers decode; `models.decoding.generate` drives it.
 
 Mixture-of-Depths (`mod_capacity`, layers/depth.py): on a routed block, `Block.mod` chooses the tokens that run the
-block and adds their router-weighted update; the block itself runs through the same `_run_block`, on a gathered
+block and adds their router-weighted update; the block itself runs through the same `run_block`, on a gathered
 subsequence at its original rotary positions (training) or on every row with the skipped ones masked out of
 attention and routing (eval mode, decoding: the cache records per routed block which slots ran it).
 """
@@ -460,7 +460,7 @@ class MoETransformerLM(nn.Module):
         def run(x_BND: Tensor, index_BC: Tensor | None, run_BL: Tensor | None) -> Tensor:
             if index_BC is not None:  # in position order, so the plain causal pattern is the subsequence's
                 sub = None if ctx is None else ctx.replace(token_ids=ctx.token_ids.gather(1, index_BC))
-                return _run_block(block, i, x_BND, cos, sin, None, sub, positions_BL=index_BC)[0]
+                return run_block(block, i, x_BND, cos, sin, None, sub, positions_BL=index_BC)[0]
             if kv is not None:
                 mask_B1LS = kv.cache.routed_mask(i, run_BL)
             else:
@@ -469,7 +469,7 @@ class MoETransformerLM(nn.Module):
                 self_LL = torch.eye(L, dtype=torch.bool, device=run_BL.device)
                 mask_B1LS = ((causal_LL & run_BL[:, None, :]) | self_LL)[:, None]
             sub = None if ctx is None else ctx.replace(padding_mask=~run_BL)  # skipped rows are not routed
-            return _run_block(block, i, x_BND, cos, sin, kv, sub, mask_B1LS=mask_B1LS)[0]
+            return run_block(block, i, x_BND, cos, sin, kv, sub, mask_B1LS=mask_B1LS)[0]
 
         return run
 
@@ -517,7 +517,7 @@ class MoETransformerLM(nn.Module):
                 )
                 moe_index += 1
             if block.mod is None:
-                x_BLD, decision = _run_block(block, i, x_BLD, self.rope_cos, self.rope_sin, kv, ctx)
+                x_BLD, decision = run_block(block, i, x_BLD, self.rope_cos, self.rope_sin, kv, ctx)
                 state = state if decision is None else decision.state
             else:  # real_BL: None without a cache (whole sequences), the cache's real slots when decoding
                 x_BLD = block.mod(x_BLD, self._routed_run(block, i, kv, ctx), real_BL=real_BL)
@@ -528,11 +528,12 @@ class MoETransformerLM(nn.Module):
         return logits_BLV, lm_loss + total_aux_loss(self)
 
 
-def _run_block(
+def run_block(
     block: Block, i: int, x_BLD: Tensor, cos: Tensor, sin: Tensor, kv: _KVStep | None, ctx: RoutingContext | None,
     *, positions_BL: Tensor | None = None, mask_B1LS: Tensor | None = None,
 ) -> tuple[Tensor, RoutingDecision | None]:
-    """One pre-norm block on x: x + attn(norm(x)), then + ffn(norm(·)); the MoE layer's decision (None: dense)."""
+    """One pre-norm block on x: x + attn(norm(x)), then + ffn(norm(·)); the MoE layer's decision (None: dense).
+    The model's forward runs every block through it, and so does `inference.retrofit`'s skip/repeat execution."""
     x_BLD = x_BLD + block.attn(block.attn_norm(x_BLD), cos, sin, kv, i, positions_BL=positions_BL, mask_B1LS=mask_B1LS)
     h_BLD = block.ffn_norm(x_BLD)
     if ctx is None:
