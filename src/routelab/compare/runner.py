@@ -28,17 +28,17 @@ from typing import Any
 import torch
 import yaml
 
+from routelab._atomic import atomic_write_text
+from routelab._runs import RunLayout, check_out, claim_out
 from routelab.compare.config import ConfigError, load_yaml, model_config, model_kind
 from routelab.data.corpus import DataError, Domain, builtin_corpus, file_corpus
 from routelab.data.dataset import TokenData, tokenize_domains
-from routelab._atomic import atomic_write_text
-from routelab._runs import RunLayout, check_out, claim_out
-from routelab.train import distributed
-from routelab.train.checkpoint import CHECKPOINT_JSON
-from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
 from routelab.models.flops import reference_block_flops_per_token
 from routelab.models.io import MODEL_FILES, save_model
 from routelab.models.transformer import ModelConfig, MoETransformerLM
+from routelab.train import distributed
+from routelab.train.checkpoint import CHECKPOINT_JSON
+from routelab.train.loop import TrainConfig, make_optimizer, steady_tokens_per_second, train
 
 RESULTS_FORMAT = 1
 
